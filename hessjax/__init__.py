@@ -1,0 +1,69 @@
+"""hessjax: Hessian-based generalization measures, bounds and robust fine-tuning in JAX.
+
+Implements Ju, Li & Zhang, "Robust Fine-Tuning of Deep Neural Networks with Hessian-based
+Generalization Guarantees", ICML 2022 (arXiv:2206.02659).
+
+``import hessjax`` is cheap and side-effect free: the submodules (and JAX itself) are imported
+on first use of one of the public names below (PEP 562 module ``__getattr__``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public name -> submodule that defines it. Core modules first, application layer last.
+_EXPORTS: dict[str, str] = {
+    # hvp.py
+    "hvp": "hvp",
+    "hvp_fn": "hvp",
+    "batch_matvec": "hvp",
+    "batched_hvp": "hvp",
+    "block_hvp": "hvp",
+    "block_hvp_fn": "hvp",
+    # partition.py
+    "Partition": "partition",
+    "partition": "partition",
+    "path_name": "partition",
+    # estimators.py
+    # measures.py
+    # bounds.py
+    # losses.py
+    # noise.py
+    # transforms.py
+    # data.py
+    # models.py
+    # train.py
+    # sharding.py
+}
+
+_SUBMODULES = (
+    "hvp",
+    "partition",
+    "estimators",
+    "measures",
+    "bounds",
+    "losses",
+    "noise",
+    "transforms",
+    "data",
+    "models",
+    "train",
+    "cli",
+    "sharding",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(module, name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'hessjax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
