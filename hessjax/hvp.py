@@ -1,0 +1,319 @@
+"""Hessian-vector products over params pytrees.
+
+All products are forward-over-reverse: ``H v = d/dt grad L(params + t v) |_{t=0}``, i.e.
+``jax.jvp`` of ``jax.grad``. On CPU this costs about 2x a gradient (reverse-over-reverse costs
+about 7x). :func:`hvp_fn` linearises the gradient once (``jax.linearize``) so that repeated
+products at the same point re-use the forward pass; :func:`batch_matvec` applies any matvec to a
+stack of probes, vmapped within chunks of ``chunk_size`` and ``lax.map``-ped across chunks so that
+memory stays bounded; :func:`block_hvp` gives the diagonal per-layer blocks ``H_ii v_i`` of every
+layer of a :class:`~hessjax.partition.Partition` at once, without forming ``H``.
+
+Conventions: ``loss_fn(params, *args)`` returns a real scalar; ``v`` has exactly the tree
+structure, shapes and dtypes of ``params``; a "matvec" is a function ``v -> H v``.
+
+References:
+  Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
+  Ju, Li & Zhang, ICML 2022 (arXiv:2206.02659).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from hessjax.partition import Partition, path_name
+
+PyTree = Any
+Matvec = Callable[[PyTree], PyTree]
+
+
+# --------------------------------------------------------------------------- validation
+def check_like(params: PyTree, v: PyTree, name: str = "v", *, batch_dims: int = 0) -> None:
+    """Raises if ``v`` does not have the tree structure, shapes and dtypes of ``params``.
+
+    Args:
+      params: the reference pytree.
+      v: the pytree to check.
+      name: the argument name used in error messages.
+      batch_dims: number of leading (probe) axes every leaf of ``v`` has in front of the
+        params shape; these must agree across leaves.
+
+    Raises:
+      ValueError: a different tree structure, leaf shape or leading (batch) size.
+      TypeError: a different leaf dtype.
+    """
+    p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
+    v_leaves, v_def = jax.tree_util.tree_flatten(v)
+    if p_def != v_def:
+        raise ValueError(
+            f"{name} must have the same tree structure as params; got {v_def}, expected {p_def}"
+        )
+    lead = None
+    for (path, p), x in zip(p_flat, v_leaves, strict=True):
+        xs, ps = jnp.shape(x), jnp.shape(p)
+        if len(xs) != len(ps) + batch_dims or tuple(xs[batch_dims:]) != tuple(ps):
+            expected = f"(batch..., *{ps})" if batch_dims else f"{ps}"
+            raise ValueError(
+                f"{name} leaf {path_name(path)!r} has shape {xs}, expected {expected} "
+                "(the shape of the matching params leaf)"
+            )
+        if batch_dims:
+            if lead is None:
+                lead = tuple(xs[:batch_dims])
+            elif tuple(xs[:batch_dims]) != lead:
+                raise ValueError(
+                    f"{name} leaves must share their leading {batch_dims} axes; leaf "
+                    f"{path_name(path)!r} has {tuple(xs[:batch_dims])}, others {lead}"
+                )
+        if jnp.result_type(x) != jnp.result_type(p):
+            raise TypeError(
+                f"{name} leaf {path_name(path)!r} has dtype {jnp.result_type(x)}, expected "
+                f"{jnp.result_type(p)} (the dtype of the matching params leaf)"
+            )
+
+
+def check_scalar_loss(loss_fn: Callable[..., jax.Array], params: PyTree, *args: Any) -> None:
+    """Raises ``ValueError``/``TypeError`` unless ``loss_fn(params, *args)`` is a real scalar.
+
+    Uses ``jax.eval_shape``: no computation is done, and it works under ``jit``.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    out = jax.eval_shape(loss_fn, params, *args)
+    if not hasattr(out, "shape") or out.shape != ():
+        shape = getattr(out, "shape", type(out).__name__)
+        raise ValueError(f"loss_fn must return a scalar, got output of shape/type {shape}")
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"loss_fn must return a real floating scalar, got dtype {out.dtype}")
+
+
+# --------------------------------------------------------------------------- products
+def hvp(loss_fn: Callable[..., jax.Array], params: PyTree, v: PyTree, *args: Any) -> PyTree:
+    """Hessian-vector product ``H v`` by forward-over-reverse differentiation.
+
+    Maths: ``H v = d/dt grad_params loss_fn(params + t v, *args) |_{t=0}``, computed as
+    ``jax.jvp(jax.grad(loss_fn), (params,), (v,))``.
+
+    Cost: one forward and one backward pass with tangents, about 2x a gradient; memory as a
+    gradient plus one tangent.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args) -> scalar``.
+      params: the point at which the Hessian is taken (any pytree of float arrays).
+      v: the vector, a pytree with the structure, shapes and dtypes of ``params``.
+      *args: further arguments of ``loss_fn`` (a batch, say); not differentiated.
+
+    Returns:
+      ``H v``, a pytree like ``params``.
+
+    Raises:
+      ValueError: ``v`` does not match ``params``, or the loss is not a scalar.
+      TypeError: dtypes differ, or the loss is not real.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> loss = lambda p: jnp.sum(p["w"] ** 3)
+      >>> hvp(loss, {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([1.0, 1.0])})
+      {'w': Array([ 6., 12.], dtype=float32)}
+
+    References:
+      Pearlmutter 1994; Ju, Li & Zhang, ICML 2022.
+    """
+    check_like(params, v, "v")
+    check_scalar_loss(loss_fn, params, *args)
+    grad = lambda p: jax.grad(loss_fn)(p, *args)
+    return jax.jvp(grad, (params,), (v,))[1]
+
+
+def hvp_fn(loss_fn: Callable[..., jax.Array], params: PyTree, *args: Any) -> Matvec:
+    """A matvec ``v -> H v`` that linearises the gradient once and re-uses it.
+
+    Maths: ``jax.linearize(grad loss_fn, params)`` evaluates the forward and backward passes
+    once and stores the residuals; each product then runs only the linear (tangent) part.
+
+    Cost: one gradient-with-residuals up front; each product about 1-1.5x a gradient instead
+    of 2x. Memory: the residuals of the linearisation stay alive as long as the returned
+    function does.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args) -> scalar``.
+      params: the point at which the Hessian is taken.
+      *args: further arguments of ``loss_fn``.
+
+    Returns:
+      A function ``matvec(v) -> H v``; it checks ``v`` against ``params`` and can be vmapped
+      (see :func:`batch_matvec`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> matvec = hvp_fn(lambda p: jnp.sum(p ** 3), jnp.array([1.0, 2.0]))
+      >>> matvec(jnp.array([1.0, 0.0]))
+      Array([6., 0.], dtype=float32)
+
+    References:
+      Ju, Li & Zhang, ICML 2022; JAX autodiff cookbook (``jax.linearize``).
+    """
+    check_scalar_loss(loss_fn, params, *args)
+    grad = lambda p: jax.grad(loss_fn)(p, *args)
+    _, linear = jax.linearize(grad, params)
+
+    def matvec(v: PyTree) -> PyTree:
+        check_like(params, v, "v")
+        return linear(v)
+
+    return matvec
+
+
+def batch_matvec(matvec: Matvec, vs: PyTree, *, chunk_size: int | None = None) -> PyTree:
+    """Applies ``matvec`` to a stack of vectors (leading axis ``m`` on every leaf).
+
+    Within a chunk the products are vmapped; chunks run one after another with ``lax.map``,
+    so at most ``chunk_size`` products are in flight. The last chunk is padded with zeros and
+    the padding dropped, so any ``m`` works. Results equal ``[matvec(vs[i]) for i in range(m)]``.
+
+    Cost: ``m`` matvecs; memory ``chunk_size`` (or ``m``) times that of one matvec.
+
+    Args:
+      matvec: a function ``v -> H v`` over one vector.
+      vs: a pytree whose leaves have a shared leading axis ``m >= 1``.
+      chunk_size: keyword-only; ``None`` vmaps all ``m`` at once.
+
+    Returns:
+      The stacked products, leading axis ``m``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> batch_matvec(lambda v: 2.0 * v, jnp.eye(3), chunk_size=2)[2]
+      Array([0., 0., 2.], dtype=float32)
+    """
+    leaves = jax.tree_util.tree_leaves(vs)
+    if not leaves:
+        raise ValueError("vs must have at least one leaf")
+    if any(jnp.ndim(x) < 1 for x in leaves):
+        raise ValueError("vs leaves must have a leading probe axis")
+    m = jnp.shape(leaves[0])[0]
+    if any(jnp.shape(x)[0] != m for x in leaves):
+        raise ValueError("vs leaves must share the same leading (probe) size")
+    if m < 1:
+        raise ValueError(f"vs must hold at least one vector, got leading size {m}")
+    batched = jax.vmap(matvec)
+    if chunk_size is None or chunk_size >= m:
+        return batched(vs)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    num_chunks = -(-m // chunk_size)
+    pad = num_chunks * chunk_size - m
+
+    def to_chunks(x):
+        x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+        return x.reshape((num_chunks, chunk_size) + x.shape[1:])
+
+    out = jax.lax.map(batched, jax.tree_util.tree_map(to_chunks, vs))
+    return jax.tree_util.tree_map(lambda y: y.reshape((-1,) + y.shape[2:])[:m], out)
+
+
+def batched_hvp(
+    loss_fn: Callable[..., jax.Array],
+    params: PyTree,
+    vs: PyTree,
+    *args: Any,
+    chunk_size: int | None = None,
+) -> PyTree:
+    """``H v`` for a stack of probes ``vs`` (leading axis ``m``), linearising once.
+
+    Equivalent to ``batch_matvec(hvp_fn(loss_fn, params, *args), vs, chunk_size=...)``.
+
+    Cost: one linearisation plus ``m`` linear products; memory bounded by ``chunk_size``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> batched_hvp(lambda p: jnp.sum(p ** 2), jnp.zeros(2), jnp.eye(2))
+      Array([[2., 0.],
+             [0., 2.]], dtype=float32)
+    """
+    check_like(params, vs, "vs", batch_dims=1)
+    return batch_matvec(hvp_fn(loss_fn, params, *args), vs, chunk_size=chunk_size)
+
+
+def block_hvp_fn(
+    loss_fn: Callable[..., jax.Array],
+    params: PyTree,
+    partition: Partition,
+    *args: Any,
+    chunk_size: int | None = None,
+) -> Matvec:
+    """A matvec ``v -> blockdiag(H_11, ..., H_LL) v`` over the layers of ``partition``.
+
+    Maths: for every layer ``i``, ``(H_ii v_i)`` where ``H_ii`` is the diagonal block of the
+    Hessian for the leaves of layer ``i`` and ``v_i`` the restriction of ``v`` to them. The
+    result holds ``H_ii v_i`` in the leaves of layer ``i`` and zeros in leaves that belong to
+    no layer. Layers are disjoint, so one params-shaped pytree holds all blocks' products.
+
+    Computation: ``v`` is stacked into ``L`` copies each restricted to one layer
+    (:meth:`Partition.stack`), all ``L`` copies go through one linearised Hessian product
+    (vmapped, ``chunk_size`` layers at a time), and each layer keeps its own part.
+
+    Cost: one linearisation, then ``L`` Hessian products per call; memory ``L`` (or
+    ``chunk_size``) tangents. ``H`` is never formed.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args) -> scalar``.
+      params: the point at which the Hessian is taken.
+      partition: the layers (built from ``params`` with :func:`hessjax.partition`).
+      *args: further arguments of ``loss_fn``.
+      chunk_size: keyword-only; how many layers' products are vmapped at once.
+
+    Returns:
+      A function ``v -> block products``, a pytree like ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from hessjax.partition import partition
+      >>> params = {"a": jnp.ones((1, 1)), "b": jnp.ones((1, 1))}
+      >>> loss = lambda p: jnp.sum(p["a"] * p["b"]) ** 2   # H = [[2, 4], [4, 2]]
+      >>> blocks = block_hvp_fn(loss, params, partition(params))
+      >>> {k: float(x[0, 0]) for k, x in blocks({"a": jnp.ones((1, 1)),
+      ...                                        "b": jnp.ones((1, 1))}).items()}
+      {'a': 2.0, 'b': 2.0}
+
+    References:
+      Ju, Li & Zhang, ICML 2022, section 2 (the per-layer blocks ``H_i``).
+    """
+    partition.check(params, "params")
+    matvec = hvp_fn(loss_fn, params, *args)
+
+    def blocks(v: PyTree) -> PyTree:
+        check_like(params, v, "v")
+        stacked = batch_matvec(matvec, partition.stack(v), chunk_size=chunk_size)
+        return partition.unstack(stacked)
+
+    return blocks
+
+
+def block_hvp(
+    loss_fn: Callable[..., jax.Array],
+    params: PyTree,
+    v: PyTree,
+    partition: Partition,
+    *args: Any,
+    chunk_size: int | None = None,
+) -> PyTree:
+    """The diagonal-block products ``(H_ii v_i)`` of every layer, as one params-shaped pytree.
+
+    See :func:`block_hvp_fn` (this is ``block_hvp_fn(...)(v)``).
+
+    Cost: ``L`` Hessian products (vmapped), ``H`` never formed.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from hessjax.partition import partition
+      >>> params = {"a": jnp.ones((1, 1)), "b": jnp.ones((1, 1))}
+      >>> loss = lambda p: jnp.sum(p["a"] * p["b"]) ** 2
+      >>> out = block_hvp(loss, params, params, partition(params))
+      >>> float(out["a"][0, 0])
+      2.0
+    """
+    return block_hvp_fn(loss_fn, params, partition, *args, chunk_size=chunk_size)(v)
