@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "hvp": "hvp",
     "hvp_fn": "hvp",
     "batch_matvec": "hvp",
+    "chunked_vmap": "hvp",
     "batched_hvp": "hvp",
     "block_hvp": "hvp",
     "block_hvp_fn": "hvp",
