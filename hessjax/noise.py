@@ -206,7 +206,8 @@ def uniform_replacement_transition(
       ValueError: concrete rate outside [0, 1]; num_classes < 2.
 
     Example:
-      >>> np.round(np.asarray(uniform_replacement_transition(0.4, num_classes=2), float), 3).tolist()
+      >>> t = uniform_replacement_transition(0.4, num_classes=2)
+      >>> np.round(np.asarray(t, float), 3).tolist()
       [[0.8, 0.2], [0.2, 0.8]]
 
     References:
