@@ -32,8 +32,31 @@ _EXPORTS: dict[str, str] = {
     # measures.py
     # bounds.py
     # losses.py
+    "backward_corrected_cross_entropy": "losses",
+    "forward_corrected_cross_entropy": "losses",
+    "generalized_cross_entropy": "losses",
+    "symmetric_cross_entropy": "losses",
+    "label_smoothing_cross_entropy": "losses",
+    "bootstrapped_cross_entropy": "losses",
     # noise.py
+    "validate_transition": "noise",
+    "validate_labels": "noise",
+    "symmetric_transition": "noise",
+    "uniform_replacement_transition": "noise",
+    "pair_flip_transition": "noise",
+    "confusion_counts": "noise",
+    "transition_from_counts": "noise",
+    "corrupt_labels": "noise",
+    "replace_labels": "noise",
+    "anchor_transition": "noise",
+    "dual_t_transition": "noise",
     # transforms.py
+    "project_to_anchor": "transforms",
+    "anchor_penalty": "transforms",
+    "layerwise_radii": "transforms",
+    "resnet_stage_depth": "transforms",
+    "ProjectToAnchorState": "transforms",
+    "AnchorPenaltyState": "transforms",
     # data.py
     # models.py
     # train.py
