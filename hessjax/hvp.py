@@ -294,7 +294,7 @@ def block_hvp_fn(
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar``.
       params: the point at which the Hessian is taken.
-      partition: the layers (built from ``params`` with :func:`hessjax.partition`).
+      partition: the layers (built from ``params`` with :func:`hessjax.layer_partition`).
       *args: further arguments of ``loss_fn``.
       chunk_size: keyword-only; how many layers' products are vmapped at once.
 
@@ -303,10 +303,10 @@ def block_hvp_fn(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from hessjax.partition import partition
+      >>> from hessjax.partition import layer_partition
       >>> params = {"a": jnp.ones((1, 1)), "b": jnp.ones((1, 1))}
       >>> loss = lambda p: jnp.sum(p["a"] * p["b"]) ** 2   # H = [[2, 4], [4, 2]]
-      >>> blocks = block_hvp_fn(loss, params, partition(params))
+      >>> blocks = block_hvp_fn(loss, params, layer_partition(params))
       >>> {k: float(x[0, 0]) for k, x in blocks({"a": jnp.ones((1, 1)),
       ...                                        "b": jnp.ones((1, 1))}).items()}
       {'a': 2.0, 'b': 2.0}
@@ -341,10 +341,10 @@ def block_hvp(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from hessjax.partition import partition
+      >>> from hessjax.partition import layer_partition
       >>> params = {"a": jnp.ones((1, 1)), "b": jnp.ones((1, 1))}
       >>> loss = lambda p: jnp.sum(p["a"] * p["b"]) ** 2
-      >>> out = block_hvp(loss, params, params, partition(params))
+      >>> out = block_hvp(loss, params, params, layer_partition(params))
       >>> float(out["a"][0, 0])
       2.0
     """

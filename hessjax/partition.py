@@ -2,9 +2,11 @@
 
 The paper's quantities are per *layer*: the displacement ``v_i = W_i - W_i^(s)`` of layer ``i``
 and the diagonal Hessian block ``H_i``. A :class:`Partition` names the layers of any params
-pytree (a plain dict, linen params, a ``flax.nnx.State``) from the paths of its leaves, and gives
-the per-layer operations the estimators need: per-layer inner products, per-layer scaling,
-restriction to one layer, and stacking a vector into one copy per layer.
+pytree (a plain dict, linen params, a ``flax.nnx.State``) from the paths of its leaves
+(:func:`layer_partition`), and gives the per-layer operations the estimators need: per-layer
+inner products, per-layer scaling, restriction to one layer, and stacking a vector into one
+copy per layer.
+
 
 A partition is static: it records the tree structure and which layer each leaf belongs to
 (``-1`` for leaves in no layer), so it can be passed as a static argument or closed over under
@@ -232,7 +234,7 @@ class Partition:
         return jax.tree_util.tree_unflatten(self.treedef, [g >= 0 for g in self.leaf_layer])
 
 
-def partition(
+def layer_partition(
     params: PyTree,
     *,
     select: Selector = None,
@@ -266,9 +268,9 @@ def partition(
       >>> import jax.numpy as jnp
       >>> params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
       ...           "out": {"kernel": jnp.ones((3, 1)), "bias": jnp.ones(1)}}
-      >>> partition(params).names
+      >>> layer_partition(params).names
       ('dense/kernel', 'out/kernel')
-      >>> partition(params, select="kernel|bias", group="module").names
+      >>> layer_partition(params, select="kernel|bias", group="module").names
       ('dense', 'out')
 
     References:
@@ -312,3 +314,8 @@ def partition(
         leaf_shapes=tuple(tuple(jnp.shape(leaf)) for _, leaf in flat),
         leaf_names=tuple(lnames),
     )
+
+
+# Transitional alias (the function was first called ``partition``, which the submodule of the
+# same name shadows at the package level); use :func:`layer_partition`.
+partition = layer_partition
