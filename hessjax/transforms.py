@@ -10,9 +10,11 @@ that ``optax.apply_updates(params, updates)`` lands inside every ball. :func:`an
 the L2-SP variant (Li et al. 2018), placed before the optimizer's scaling like
 ``optax.add_decayed_weights``. :func:`layerwise_radii` builds the paper's depth-dependent radii.
 
-Per-leaf values (radii, strengths) are given as a scalar (every leaf), a pytree that is a prefix
-of ``params`` with ``None`` for free leaves, or a callable of the leaf's path name (from
-:func:`hessjax.partition.path_name`, e.g. ``"layer3/conv1/kernel"``) returning a value or ``None``.
+Per-leaf values (radii, strengths) are given as a scalar (every leaf); a pytree matched to params
+by path names (a dict works for an ``nnx.State``): a leaf takes the value at its own path or its
+nearest ancestor's, and is free where there is none or the value is ``None``; or a callable of
+the leaf's path name (:func:`hessjax.partition.path_name`, e.g. ``"layer3/conv1/kernel"``)
+returning a value or ``None``.
 The anchor lives in the transform's state (``None`` at free leaves), never in a closure.
 
 BatchNorm. The reference code clips the effective BatchNorm scale gamma / sqrt(var) elementwise
@@ -86,22 +88,39 @@ def _concrete(x: Any) -> np.ndarray | None:
 
 
 def _per_leaf(spec: PerLeaf, params: PyTree, argname: str) -> list[Any]:
-    """Values of ``spec`` for each leaf of ``params``, in ``jax.tree_util`` leaf order."""
+    """Values of ``spec`` for each leaf of ``params``, in ``jax.tree_util`` leaf order.
+
+    A pytree spec is matched by path names, not by pytree type, so a plain dict works for an
+    ``nnx.State``: each leaf takes the value of the longest spec path that is the leaf's path or
+    an ancestor of it; leaves that no spec path covers are free (``None``).
+    """
+    named = [(path_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
     if callable(spec):
-        return [spec(path_name(p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    treedef = jax.tree.structure(spec, is_leaf=lambda x: x is None)
-    try:
-        subtrees = treedef.flatten_up_to(params)
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"{argname}: expected a scalar, a callable of the path name, or a pytree that is a "
-            f"prefix of params (None for free leaves); got structure {treedef} that does not "
-            f"match params ({jax.tree.structure(params)}). For an nnx.State use a callable."
-        ) from err
-    values = jax.tree.leaves(spec, is_leaf=lambda x: x is None)
+        return [spec(name) for name, _ in named]
+    entries = [
+        (path_name(p), v)
+        for p, v in jax.tree_util.tree_flatten_with_path(spec, is_leaf=lambda x: x is None)[0]
+    ]
+    covers = lambda prefix, name: prefix == "" or name == prefix or name.startswith(prefix + "/")
     out: list[Any] = []
-    for value, sub in zip(values, subtrees, strict=True):
-        out.extend([value] * len(jax.tree.leaves(sub)))
+    used: set[str] = set()
+    for name, _ in named:
+        best = max(
+            (e for e in entries if covers(e[0], name)), key=lambda e: len(e[0]), default=None
+        )
+        out.append(None if best is None else best[1])
+        used.update(e[0] for e in entries if covers(e[0], name))
+    masked = any(
+        isinstance(x, optax.MaskedNode)
+        for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    )
+    unused = [e[0] for e in entries if e[0] not in used]
+    if unused and not masked:  # under optax.masked the masked-out leaves are absent
+        raise ValueError(
+            f"{argname}: the paths {unused[:5]} name no leaf of params (leaves: "
+            f"{[n for n, _ in named][:8]}...); expected a scalar, a pytree whose paths are "
+            "params paths or their ancestors, or a callable of the path name"
+        )
     return out
 
 
@@ -212,8 +231,9 @@ def project_to_anchor(
     the constrained leaves (the anchor).
 
     Args:
-      radii: the radius D of each leaf: a scalar (every leaf), a pytree that is a prefix of
-        params with ``None`` for free leaves, or a callable ``path_name -> radius | None``.
+      radii: the radius D of each leaf: a scalar (every leaf), a pytree matched by path names
+        (``None`` or absent: free; a value at an inner node covers its subtree), or a callable
+        ``path_name -> radius | None``.
         Radii may be traced arrays; concrete ones must be finite and >= 0. For ``inf_op`` and
         ``elementwise`` a radius may be an array broadcastable to the per-unit norms.
       norm: ``"frobenius"`` (the paper's runs), ``"inf_op"`` or ``"elementwise"``.
@@ -289,9 +309,9 @@ def anchor_penalty(
     Cost: one axpy per penalised leaf; memory: one copy of the penalised leaves (the anchor).
 
     Args:
-      strength: per-leaf strength: a scalar, a pytree prefix of params with ``None`` for free
-        leaves, or a callable ``path_name -> strength | None``. May be traced; concrete values
-        must be finite and >= 0.
+      strength: per-leaf strength: a scalar, a pytree matched by path names (``None`` or
+        absent: free), or a callable ``path_name -> strength | None``. May be traced;
+        concrete values must be finite and >= 0.
       anchor: the pretrained weights, a pytree like params; default: params at ``init``.
 
     Returns:
