@@ -1,0 +1,82 @@
+"""Building blocks shared by the torchvision-compatible models (NHWC, torch padding)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# torchvision initialises convolutions with kaiming_normal_(mode="fan_out", nonlinearity="relu").
+kaiming_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class Sequential(nnx.List):
+    """A list of layers applied in turn; its items keep torch's integer names (``0``, ``1``)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+class ReLU6(nnx.Module):
+    """``min(max(x, 0), 6)``: a parameter-free layer so list indices match torchvision's."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu6(x)
+
+
+class ReLU(nnx.Module):
+    """``max(x, 0)`` as a layer."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(x)
+
+
+def conv(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    groups: int = 1,
+    padding: int | None = None,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """A bias-free ``nnx.Conv`` with torch's symmetric padding ``(k - 1) // 2``.
+
+    ('SAME' would pad stride-2 convolutions asymmetrically and differ from torch.)
+    """
+    pad = (kernel_size - 1) // 2 if padding is None else padding
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        (kernel_size, kernel_size),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=False,
+        kernel_init=kaiming_fan_out,
+        rngs=rngs,
+    )
+
+
+def batch_norm(channels: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """BatchNorm with torch's defaults (eps 1e-5, momentum 0.1 => nnx momentum 0.9), eval mode."""
+    return nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-5, use_running_average=True, rngs=rngs)
+
+
+def zero_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+    """A linear layer with zero kernel and bias (the new head for fine-tuning)."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=nnx.initializers.zeros,
+        bias_init=nnx.initializers.zeros,
+        rngs=rngs,
+    )
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """Mean over the spatial axes of an NHWC batch: ``(N, H, W, C) -> (N, C)``."""
+    return jnp.mean(x, axis=(1, 2))
