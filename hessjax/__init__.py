@@ -58,7 +58,27 @@ _EXPORTS: dict[str, str] = {
     "ProjectToAnchorState": "transforms",
     "AnchorPenaltyState": "transforms",
     # data.py
+    "Splits": "data",
+    "load_dataset": "data",
+    "load_splits": "data",
+    "stratified_split": "data",
+    "subsample_per_class": "data",
+    "resize_images": "data",
+    "imagenet_preprocess": "data",
+    "iterate_batches": "data",
+    "read_idx": "data",
     # models.py
+    "MobileNetV2": "models",
+    "ResNet": "models",
+    "resnet18": "models",
+    "resnet50": "models",
+    "pretrained_mobilenet_v2": "models",
+    "pretrained_resnet": "models",
+    "load_state_dict": "models",
+    "save_state_dict": "models",
+    "load_torch_weights": "models",
+    "to_torch_state_dict": "models",
+    "mobilenet_v2_weights_path": "models",
     # train.py
     # sharding.py
 }
