@@ -29,6 +29,19 @@ _EXPORTS: dict[str, str] = {
     "partition": "partition",
     "path_name": "partition",
     # estimators.py
+    "Estimate": "estimators",
+    "LanczosResult": "estimators",
+    "SpectralDensity": "estimators",
+    "hutchinson_trace": "estimators",
+    "hutchpp_trace": "estimators",
+    "lanczos": "estimators",
+    "eigenvalues": "estimators",
+    "spectral_density": "estimators",
+    "quadratic_form": "estimators",
+    "positive_part": "estimators",
+    "positive_quadratic_form": "estimators",
+    "trace_of_function": "estimators",
+    "power_iteration": "estimators",
     # measures.py
     # bounds.py
     # losses.py
