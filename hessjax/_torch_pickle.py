@@ -312,6 +312,11 @@ def _state_dict_pickle(arrays: list[tuple[str, np.ndarray]]) -> bytes:
     return b"".join(out)
 
 
+def _c_order(value: Any) -> np.ndarray:
+    a = np.asarray(value)  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
 def _le_bytes(a: np.ndarray) -> bytes:
     if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and sys.byteorder == "big"):
         a = a.byteswap()
@@ -326,7 +331,7 @@ def write_torch_file(path: str | os.PathLike, state_dict: Mapping[str, Any], *, 
         state_dict: tensor name -> array (float64/32/16, bfloat16, int64/32/16/8, uint8, bool).
         legacy: the pre-1.6 stream format (True) or the zip format (False).
     """
-    arrays = [(str(k), np.ascontiguousarray(v)) for k, v in state_dict.items()]
+    arrays = [(str(k), _c_order(v)) for k, v in state_dict.items()]
     for name, a in arrays:
         if a.dtype not in _DTYPE_TO_STORAGE:
             raise TypeError(f"state_dict[{name!r}] has unsupported dtype {a.dtype}")

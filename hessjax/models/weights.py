@@ -77,7 +77,8 @@ def _write_safetensors(path, state_dict: Mapping[str, np.ndarray], metadata=None
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     chunks, offset = [], 0
     for name in sorted(state_dict):
-        a = np.ascontiguousarray(state_dict[name])
+        a = np.asarray(state_dict[name])
+        a = a if a.flags.c_contiguous else a.copy(order="C")
         if a.dtype not in _SAFETENSORS_NAMES:
             raise TypeError(f"state_dict[{name!r}] has unsupported dtype {a.dtype}")
         raw = a.tobytes() if a.dtype.byteorder != ">" else a.byteswap().tobytes()
@@ -335,7 +336,7 @@ def to_torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """
     out: dict[str, np.ndarray] = {}
     for key, (variable, kind) in _torch_entries(model).items():
-        out[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(variable.get_value()), kind))
+        out[key] = _to_torch_layout(np.asarray(variable.get_value()), kind).copy(order="C")
         if key.endswith(".running_var"):
             out[key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
     return out
