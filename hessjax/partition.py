@@ -7,7 +7,6 @@ pytree (a plain dict, linen params, a ``flax.nnx.State``) from the paths of its 
 inner products, per-layer scaling, restriction to one layer, and stacking a vector into one
 copy per layer.
 
-
 A partition is static: it records the tree structure and which layer each leaf belongs to
 (``-1`` for leaves in no layer), so it can be passed as a static argument or closed over under
 ``jax.jit``. Layers are disjoint, so a block-diagonal operator ``blockdiag(H_11, ..., H_LL)``
