@@ -290,7 +290,7 @@ def test_errors():
 # properties (hypothesis)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     norm=st.sampled_from(["frobenius", "inf_op", "elementwise"]),
@@ -329,7 +329,7 @@ def test_property_stays_in_ball_free_untouched(seed, norm, radius, steps, scale)
     chex.assert_trees_all_close(optax.apply_updates(p, again), p, atol=1e-5 * (1 + radius))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**16), norm=st.sampled_from(["frobenius", "inf_op", "elementwise"]))
 def test_property_identity_inside_ball(seed, norm):
     params = make_params(jax.random.key(seed))
