@@ -189,10 +189,14 @@ def _read_legacy(f: BinaryIO) -> Any:
     little = not isinstance(sys_info, dict) or sys_info.get("little_endian", True)
 
     storages: dict[str, np.ndarray] = {}
+    budget = [os.fstat(f.fileno()).st_size if hasattr(f, "fileno") else float("inf")]
 
     def load_storage(pid):
         dtype, key, numel, view = _parse_storage_pid(pid)
         if key not in storages:
+            budget[0] -= numel * dtype.itemsize  # no allocation beyond what the file can hold
+            if budget[0] < 0:
+                raise ValueError(f"storage {key} ({numel} elements) is larger than the file")
             storages[key] = np.zeros(numel, dtype)
         root = storages[key]
         if view is None:

@@ -308,3 +308,10 @@ def test_iterate_batches():
         next(iterate_batches(x, batch_size=0, seed=0))
     with pytest.raises(ValueError, match="equal lengths"):
         next(iterate_batches(x, y[:3], batch_size=2, seed=0))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(data, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted >= 8

@@ -467,3 +467,27 @@ def test_random_init_follows_torchvision():
     assert model(jnp.ones((1, 32, 32, 3))).shape == (1, 10)
     resnet = ResNet(18, 4, rngs=nnx.Rngs(1))
     assert resnet(jnp.ones((1, 32, 32, 3))).shape == (1, 4)
+
+
+def test_storage_larger_than_file_is_rejected(tmp_path):
+    body = b"\x80\x02ccollections\nOrderedDict\n)R(" + tp._unicode("x")
+    body += _tensor("s0", 10**12, 0, (10**12,), (1,)) + b"u."
+    path = tmp_path / "huge.pth"
+    path.write_bytes(_legacy_file(body, ["s0"], []))
+    with pytest.raises(ValueError, match="larger than the file"):
+        tp.read_torch_file(path)
+
+
+@pytest.mark.slow
+def test_docstring_examples_run():
+    import doctest
+
+    import hessjax.models as models_pkg
+    from hessjax.models import mobilenet, resnet, weights
+
+    for module in (models_pkg, mobilenet, resnet, weights):
+        result = doctest.testmod(
+            module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+        )
+        assert result.failed == 0, module.__name__
+        assert result.attempted > 0, module.__name__

@@ -118,7 +118,7 @@ def pretrained_resnet(
         ValueError: the file does not match the architecture (lists the keys).
 
     Example:
-        >>> model = pretrained_resnet(18, "resnet18.safetensors", num_classes=5)
+        >>> model = pretrained_resnet(18, "resnet18.safetensors", num_classes=5)  # doctest: +SKIP
     """
     state_dict = load_state_dict(path)
     if num_classes is None:

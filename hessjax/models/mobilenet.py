@@ -96,6 +96,7 @@ class MobileNetV2(nnx.Module):
         rngs: initialisation randomness.
 
     Example:
+        >>> import jax.numpy as jnp
         >>> model = MobileNetV2(10, rngs=nnx.Rngs(0))
         >>> model(jnp.zeros((2, 32, 32, 3))).shape
         (2, 10)

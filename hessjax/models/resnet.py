@@ -97,6 +97,7 @@ class ResNet(nnx.Module):
         rngs: initialisation randomness.
 
     Example:
+        >>> import jax.numpy as jnp
         >>> model = ResNet(18, 10, rngs=nnx.Rngs(0))
         >>> model(jnp.zeros((1, 32, 32, 3))).shape
         (1, 10)

