@@ -175,14 +175,28 @@ def _squeeze(x: Any, per_layer: bool) -> Any:
     return x if per_layer else jax.tree_util.tree_map(lambda a: a[0], x)
 
 
-def _rademacher(key: jax.Array, like: PyTree, part: Partition, num: int) -> PyTree:
-    """``num`` Rademacher probes shaped like ``like`` (leading axis ``num``), zero off-layer."""
+def _random_tree(
+    key: jax.Array, like: PyTree, part: Partition, num: int, kind: str = "rademacher"
+) -> PyTree:
+    """``num`` random vectors shaped like ``like`` (leading axis ``num``), zero off-layer.
+
+    One draw for all leaves (one random-bits kernel: much cheaper to compile than one per
+    leaf), sliced into the leaves in leaf order. ``kind`` is ``"rademacher"`` or ``"normal"``.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(like)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for k, leaf, g in zip(keys, leaves, part.leaf_layer, strict=True):
-        shape, dtype = (num,) + jnp.shape(leaf), jnp.result_type(leaf)
-        out.append(jax.random.rademacher(k, shape, dtype) if g >= 0 else jnp.zeros(shape, dtype))
+    sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]
+    dtype = jnp.result_type(*leaves)
+    shape = (num, sum(sizes))
+    if kind == "rademacher":
+        flat = jax.random.rademacher(key, shape, dtype)
+    else:
+        flat = jax.random.normal(key, shape, dtype)
+    out, start = [], 0
+    for leaf, size, g in zip(leaves, sizes, part.leaf_layer, strict=True):
+        piece = flat[:, start : start + size].reshape((num,) + jnp.shape(leaf))
+        piece = piece.astype(jnp.result_type(leaf))
+        out.append(piece if g >= 0 else jnp.zeros_like(piece))
+        start += size
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -243,7 +257,7 @@ def hutchinson_trace(
     num_probes = _check_int("num_probes", num_probes)
     _check_chunk(chunk_size)
     part, per_layer = _layout(like, partition, "like")
-    probes = _rademacher(key, like, part, num_probes)
+    probes = _random_tree(key, like, part, num_probes)
     products = chunked_vmap(matvec, probes, chunk_size=chunk_size)
     samples = jax.vmap(part.dot)(probes, products)  # (num_probes, L)
     return _squeeze(_stats(samples), per_layer)
@@ -326,8 +340,8 @@ def hutchpp_trace(
     def per_layer_sum(x: jax.Array) -> jax.Array:  # (n, ...) -> (L, ...)
         return jax.ops.segment_sum(x, seg, num_segments=num_layers + 1)[:num_layers]
 
-    key_s, key_g = jax.random.split(key)
-    sketch = apply(jax.random.rademacher(key_s, (s, n), dtype) * mask)
+    draws = jax.random.rademacher(key, (s + g, n), dtype) * mask  # one draw: S and G
+    sketch = apply(draws[:s])
     layers = [np.flatnonzero(seg == i) for i in range(num_layers)]
     basis = jnp.zeros((s, n), dtype)  # rows: the columns of the block-diagonal Q
     for idx in layers:
@@ -335,7 +349,7 @@ def hutchpp_trace(
         basis = basis.at[: q.shape[1], idx].set(q.T)
     exact = per_layer_sum(jnp.sum(basis * apply(basis), axis=0))  # Tr(Q_i^T H_ii Q_i)
 
-    probes = jax.random.rademacher(key_g, (g, n), dtype) * mask
+    probes = draws[s:]
     for idx in layers:
         q = basis[:, idx]  # (s, n_i)
         block = probes[:, idx]
@@ -455,7 +469,10 @@ def lanczos(
     """
     num_iters = _check_int("num_iters", num_iters)
     part, per_layer = _layout(v0, partition, "v0")
-    return _squeeze(_lanczos(matvec, v0, num_iters, part), per_layer)
+    res = _lanczos(matvec, v0, num_iters, part)
+    if per_layer:
+        return res
+    return LanczosResult(res.alphas[0], res.betas[0], res.basis, res.num_valid[0])
 
 
 def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
@@ -630,7 +647,7 @@ def trace_of_function(
     _check_chunk(chunk_size)
     part, per_layer = _layout(like, partition, "like")
     num_iters = min(num_iters, max(part.sizes))
-    probes = _rademacher(key, like, part, num_probes)
+    probes = _random_tree(key, like, part, num_probes)
 
     def one(z: PyTree) -> jax.Array:
         return _gauss_quadrature(_lanczos(matvec, z, num_iters, part), part.sq_norms(z), fn)
@@ -708,15 +725,7 @@ def eigenvalues(
         raise ValueError(f"num_iters must be >= k={k}, got {num_iters}")
     num_iters = min(num_iters, max(part.sizes))
 
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    keys = jax.random.split(key, len(leaves))
-    v0 = jax.tree_util.tree_unflatten(
-        treedef,
-        [
-            jax.random.normal(kk, jnp.shape(x), jnp.result_type(x))
-            for kk, x in zip(keys, leaves, strict=True)
-        ],
-    )
+    v0 = jax.tree_util.tree_map(lambda x: x[0], _random_tree(key, like, part, 1, "normal"))
     res = _lanczos(matvec, v0, num_iters, part)
     theta, vectors, _ = _ritz(res)  # (L, m), (L, m, m)
     m = num_iters
@@ -811,7 +820,7 @@ def spectral_density(
         raise ValueError(f"grid must be 1-D, got shape {jnp.shape(grid)}")
     part, _ = _layout(like, None, "like")
     num_iters = min(num_iters, max(part.sizes))
-    probes = _rademacher(key, like, part, num_probes)
+    probes = _random_tree(key, like, part, num_probes)
 
     def one(z: PyTree) -> tuple[jax.Array, jax.Array]:
         theta, vectors, genuine = _ritz(_lanczos(matvec, z, num_iters, part))
@@ -897,19 +906,12 @@ def power_iteration(
         norm = jnp.sqrt(dot(v, v))
         return jax.tree_util.tree_map(lambda x: x * _safe_inverse(norm, norm > 0), v)
 
-    leaves, treedef = jax.tree_util.tree_flatten(like)
+    starts = _random_tree(key, like, part, k, "normal")
     found: list[PyTree] = []
     values = []
     count = jnp.zeros((), jnp.int32)
-    for key_j in jax.random.split(key, k):
-        keys = jax.random.split(key_j, len(leaves))
-        v = jax.tree_util.tree_unflatten(
-            treedef,
-            [
-                jax.random.normal(kk, jnp.shape(x), jnp.result_type(x))
-                for kk, x in zip(keys, leaves, strict=True)
-            ],
-        )
+    for j in range(k):
+        v = jax.tree_util.tree_map(lambda x, j=j: x[j], starts)
 
         def orth(v: PyTree) -> PyTree:
             for u in found:
