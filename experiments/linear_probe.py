@@ -5,8 +5,9 @@ the same network randomly initialised, on Fashion-MNIST images (resized, grey re
 RGB, ImageNet-normalised); a standardised logistic regression (C chosen on a clean validation
 set) is fitted on each. Correctly imported weights give a clearly higher test accuracy.
 
-Also records the ImageNet class the pretrained 1000-way head predicts most often for each
-Fashion-MNIST class, and the jitted forward time of a batch of 32 images.
+The same is repeated with fewer labelled images per class (``--curve``), where pretrained
+features matter most. Also records the ImageNet class the pretrained 1000-way head predicts
+most often for each Fashion-MNIST class, and the jitted forward time of a batch of 32 images.
 
     .venv/bin/python experiments/linear_probe.py            # ~5 minutes on 2 CPU cores
     .venv/bin/python experiments/linear_probe.py --n-per-class 5 --n-test 50 --size 32 \
@@ -32,7 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from hessjax.data import iterate_batches, load_splits
+from hessjax.data import iterate_batches, load_splits, subsample_per_class
 from hessjax.models import MobileNetV2, pretrained_mobilenet_v2
 
 
@@ -45,7 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=96, help="input height and width")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--c-grid", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--c-grid", type=float, nargs="+", default=[0.001, 0.01, 0.1])
+    p.add_argument(
+        "--curve",
+        type=int,
+        nargs="*",
+        default=[10, 30, 100],
+        help="also probe with these smaller numbers of training images per class",
+    )
     p.add_argument("--out", type=Path, default=Path("experiments/results/linear_probe"))
     return p.parse_args(argv)
 
@@ -54,7 +62,7 @@ def git_commit() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "hessjax", "experiments/linear_probe.py"],
+            ["git", "status", "--porcelain", "--", *OWN_PATHS],
             capture_output=True,
             text=True,
         )
@@ -63,6 +71,7 @@ def git_commit() -> str:
         return "unknown"
 
 
+OWN_PATHS = ("hessjax/models", "hessjax/data.py", "hessjax/_torch_pickle.py", __file__)
 embed_fn = nnx.jit(lambda model, x: model.embed(x))
 
 
@@ -78,23 +87,27 @@ def embed(model, images: np.ndarray, batch_size: int, desc: str) -> np.ndarray:
     return np.concatenate(out)
 
 
-def probe(features, splits, c_grid, seed):
+def probe(features, splits, c_grid, seed, subset=None):
     """Standardised multinomial logistic regression; C picked by validation accuracy."""
     train, val, test = features
+    train_labels = splits.train_labels
+    if subset is not None:
+        train, train_labels = train[subset], train_labels[subset]
     scaler = StandardScaler().fit(train)
     train, val, test = (scaler.transform(f) for f in (train, val, test))
     best = None
     for c in c_grid:
         clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
-        clf.fit(train, splits.train_labels)
+        clf.fit(train, train_labels)
         val_acc = clf.score(val, splits.val_labels)
         if best is None or val_acc > best[1]:
             best = (c, val_acc, clf)
     c, val_acc, clf = best
     return {
         "C": c,
+        "n_train": int(len(train_labels)),
         "val_accuracy": float(val_acc),
-        "train_accuracy": float(clf.score(train, splits.train_labels)),
+        "train_accuracy": float(clf.score(train, train_labels)),
         "test_accuracy": float(clf.score(test, splits.test_labels)),
     }
 
@@ -143,6 +156,16 @@ def main(argv=None) -> dict:
         metrics["seconds"][f"features_{name}"] = time.perf_counter() - start
         metrics[name] = probe(features[name], splits, args.c_grid, args.seed)
         print(f"{name}: {metrics[name]}", flush=True)
+
+    # Learning curve: fewer labelled images per class (same val/test sets, seeded subsets).
+    metrics["curve"] = {}
+    for n in sorted(n for n in args.curve if n < args.n_per_class):
+        subset = subsample_per_class(splits.train_labels, n, seed=args.seed)
+        metrics["curve"][str(n)] = {
+            name: probe(features[name], splits, args.c_grid, args.seed, subset)["test_accuracy"]
+            for name in models
+        }
+        print(f"{n} per class: {metrics['curve'][str(n)]}", flush=True)
 
     # The pretrained ImageNet head on the test features: which ImageNet class per class?
     head = models["pretrained"].classifier[1]

@@ -491,3 +491,22 @@ def test_docstring_examples_run():
         )
         assert result.failed == 0, module.__name__
         assert result.attempted > 0, module.__name__
+
+
+@pytest.mark.slow
+def test_linear_probe_experiment_smoke(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "experiments" / "linear_probe.py"
+    spec = importlib.util.spec_from_file_location("linear_probe", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--dataset", "digits", "--n-per-class", "3", "--n-val", "20", "--n-test", "20"]
+    metrics = module.main([*args, "--size", "32", "--c-grid", "1.0", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["n_train"] == 30 and saved["resolution"] == 32
+    for name in ("pretrained", "random"):
+        assert 0.0 <= saved[name]["test_accuracy"] <= 1.0
+    assert metrics["imagenet_head_on_test"]["logits_finite"]
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
