@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import doctest
+import importlib
 
 import chex
 import jax
@@ -512,8 +513,10 @@ def test_type_errors():
 
 
 @pytest.mark.slow
-def test_docstring_examples():
-    result = doctest.testmod(E, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+@pytest.mark.parametrize("module", ["trace", "lanczos", "quadrature", "power"])
+def test_docstring_examples(module):
+    mod = importlib.import_module(f"hessjax.estimators.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -1,0 +1,132 @@
+"""Shared pieces of the estimators: the Estimate type, validation, probes, statistics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hessjax.partition import Partition, path_name
+
+PyTree = Any
+Matvec = Callable[[PyTree], PyTree]
+
+
+class Estimate(NamedTuple):
+    """A stochastic estimate and its standard error.
+
+    Attributes:
+      value: the estimate (a scalar, or shape ``(L,)`` per layer).
+      stderr: the standard error of ``value``: the sample standard deviation of the per-probe
+        terms (``ddof=1``) over ``sqrt(number of probes)``; NaN with a single probe. Zero for a
+        deterministic part (e.g. the exact trace of a diagonal operator).
+    """
+
+    value: jax.Array
+    stderr: jax.Array
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_chunk(chunk_size: Any) -> None:
+    if chunk_size is not None:
+        _check_int("chunk_size", chunk_size)
+
+
+def _layout(like: PyTree, partition: Partition | None, name: str) -> tuple[Partition, bool]:
+    """The partition to compute with: ``partition`` itself, or one layer of all leaves.
+
+    Returns ``(partition, per_layer)``; ``per_layer`` is False for the single-layer stand-in,
+    whose ``(1,)``-shaped results are squeezed by the caller.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    if not flat:
+        raise ValueError(f"{name} must have at least one leaf, got {like!r}")
+    for path, leaf in flat:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                f"{name} leaf {jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}, "
+                "expected a real floating dtype"
+            )
+    if partition is None:
+        part = Partition(
+            treedef=treedef,
+            names=("all",),
+            leaf_layer=(0,) * len(flat),
+            leaf_shapes=tuple(tuple(jnp.shape(x)) for _, x in flat),
+            leaf_names=tuple(path_name(p) for p, _ in flat),
+        )
+        return part, False
+    if not isinstance(partition, Partition):
+        raise TypeError(
+            f"partition must be a hessjax.partition.Partition or None, got "
+            f"{type(partition).__name__}"
+        )
+    partition.check(like, name)
+    return partition, True
+
+
+def _dtype(tree: PyTree) -> Any:
+    return jnp.result_type(*jax.tree_util.tree_leaves(tree))
+
+
+def _squeeze(x: Any, per_layer: bool) -> Any:
+    return x if per_layer else jax.tree_util.tree_map(lambda a: a[0], x)
+
+
+def _random_tree(
+    key: jax.Array, like: PyTree, part: Partition, num: int, kind: str = "rademacher"
+) -> PyTree:
+    """``num`` random vectors shaped like ``like`` (leading axis ``num``), zero off-layer.
+
+    One draw for all leaves (one random-bits kernel: much cheaper to compile than one per
+    leaf), sliced into the leaves in leaf order. ``kind`` is ``"rademacher"`` or ``"normal"``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]
+    dtype = jnp.result_type(*leaves)
+    shape = (num, sum(sizes))
+    if kind == "rademacher":
+        flat = jax.random.rademacher(key, shape, dtype)
+    else:
+        flat = jax.random.normal(key, shape, dtype)
+    out, start = [], 0
+    for leaf, size, g in zip(leaves, sizes, part.leaf_layer, strict=True):
+        piece = flat[:, start : start + size].reshape((num,) + jnp.shape(leaf))
+        piece = piece.astype(jnp.result_type(leaf))
+        out.append(piece if g >= 0 else jnp.zeros_like(piece))
+        start += size
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _stats(samples: jax.Array) -> Estimate:
+    """Mean and standard error over the leading (probe) axis."""
+    num = samples.shape[0]
+    std = jnp.std(samples, axis=0, ddof=1) if num > 1 else jnp.full(samples.shape[1:], jnp.nan)
+    return Estimate(jnp.mean(samples, axis=0), std.astype(samples.dtype) / math.sqrt(num))
+
+
+def _combine(part: Partition, stacked: PyTree, coef: jax.Array) -> PyTree:
+    """``sum_j coef[j, layer] * stacked[j]`` leafwise (zero on leaves in no layer)."""
+    leaves, treedef = jax.tree_util.tree_flatten(stacked)
+    out = []
+    for leaf, g in zip(leaves, part.leaf_layer, strict=True):
+        if g >= 0:
+            out.append(jnp.tensordot(coef[:, g].astype(leaf.dtype), leaf, axes=1))
+        else:
+            out.append(jnp.zeros(leaf.shape[1:], leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _safe_inverse(x: jax.Array, ok: jax.Array) -> jax.Array:
+    return jnp.where(ok, 1.0 / jnp.where(ok, x, 1.0), 0.0).astype(x.dtype)
