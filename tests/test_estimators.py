@@ -10,8 +10,6 @@ forms, never from the code under test.
 from __future__ import annotations
 
 import contextlib
-import doctest
-import importlib
 
 import chex
 import jax
@@ -510,14 +508,6 @@ def test_type_errors():
         E.hutchinson_trace(lambda v: v, jnp.zeros(3), jax.random.key(0), num_probes=2.0)
     with pytest.raises(TypeError, match="like leaf .* dtype int32"):
         E.hutchinson_trace(lambda v: v, jnp.zeros(3, jnp.int32), jax.random.key(0), num_probes=2)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("module", ["trace", "lanczos", "quadrature", "power"])
-def test_docstring_examples(module):
-    mod = importlib.import_module(f"hessjax.estimators.{module}")
-    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_public_names():
