@@ -167,6 +167,22 @@ def hvp_fn(loss_fn: Callable[..., jax.Array], params: PyTree, *args: Any) -> Mat
     return matvec
 
 
+def _num_rows(xs: PyTree, name: str) -> int:
+    """The shared leading size ``m >= 1`` of the leaves of ``xs``; raises naming ``name``."""
+    leaves = jax.tree_util.tree_leaves(xs)
+    if not leaves:
+        raise ValueError(f"{name} must have at least one leaf")
+    if any(jnp.ndim(x) < 1 for x in leaves):
+        raise ValueError(f"every leaf of {name} must have a leading (batch) axis")
+    m = jnp.shape(leaves[0])[0]
+    if any(jnp.shape(x)[0] != m for x in leaves):
+        sizes = sorted({jnp.shape(x)[0] for x in leaves})
+        raise ValueError(f"leaves of {name} must share one leading size, got sizes {sizes}")
+    if m < 1:
+        raise ValueError(f"{name} must hold at least one row, got leading size 0")
+    return m
+
+
 def chunked_vmap(fn: Callable[[PyTree], PyTree], xs: PyTree, *, chunk_size: int | None = None):
     """``jax.vmap(fn)(xs)`` evaluated ``chunk_size`` rows at a time (memory-bounded vmap).
 
@@ -194,17 +210,7 @@ def chunked_vmap(fn: Callable[[PyTree], PyTree], xs: PyTree, *, chunk_size: int 
       >>> chunked_vmap(lambda x: x.sum(), jnp.arange(10.0).reshape(5, 2), chunk_size=2)
       Array([ 1.,  5.,  9., 13., 17.], dtype=float32)
     """
-    leaves = jax.tree_util.tree_leaves(xs)
-    if not leaves:
-        raise ValueError("xs must have at least one leaf")
-    if any(jnp.ndim(x) < 1 for x in leaves):
-        raise ValueError("every leaf of xs must have a leading (batch) axis")
-    m = jnp.shape(leaves[0])[0]
-    if any(jnp.shape(x)[0] != m for x in leaves):
-        sizes = sorted({jnp.shape(x)[0] for x in leaves})
-        raise ValueError(f"leaves of xs must share one leading size, got sizes {sizes}")
-    if m < 1:
-        raise ValueError("xs must hold at least one row, got leading size 0")
+    m = _num_rows(xs, "xs")
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
@@ -244,6 +250,7 @@ def batch_matvec(matvec: Matvec, vs: PyTree, *, chunk_size: int | None = None) -
       >>> batch_matvec(lambda v: 2.0 * v, jnp.eye(3), chunk_size=2)[2]
       Array([0., 0., 2.], dtype=float32)
     """
+    _num_rows(vs, "vs")  # errors name this function's argument
     return chunked_vmap(matvec, vs, chunk_size=chunk_size)
 
 
