@@ -278,6 +278,12 @@ def test_vs_without_or_with_mismatched_probe_axis(mlp):
     vs["out"]["bias"] = jnp.zeros((4, 3))
     with pytest.raises(ValueError, match=r"\bvs leaves must share"):
         H.batched_hvp(loss_fn, params, vs, batch)
+    with pytest.raises(ValueError, match=r"leaves of vs must share one leading size.*\[3, 4\]"):
+        H.batch_matvec(lambda v: v, vs)
+    with pytest.raises(ValueError, match=r"every leaf of vs must have a leading"):
+        H.batch_matvec(lambda v: v, {"a": jnp.zeros(())})
+    with pytest.raises(ValueError, match=r"\bvs must hold at least one row"):
+        H.batch_matvec(lambda v: v, {"a": jnp.zeros((0, 2))})
 
 
 def test_non_scalar_or_integer_or_non_callable_loss(mlp):
