@@ -93,6 +93,18 @@ _EXPORTS: dict[str, str] = {
     "to_torch_state_dict": "models",
     "mobilenet_v2_weights_path": "models",
     # train.py
+    "TrainConfig": "train",
+    "Method": "train",
+    "FitResult": "train",
+    "METHODS": "train",
+    "build_method": "train",
+    "register_method": "train",
+    "make_optimizer": "train",
+    "fit": "train",
+    "evaluate": "train",
+    "make_model": "train",
+    "TinyCNN": "train",
+    "mobilenet_v2_stage_depth": "train",
     # sharding.py
 }
 
