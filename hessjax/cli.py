@@ -326,8 +326,8 @@ def measure_run(
         )
     else:
         select, layer_desc = layers, f"kernels matching {layers!r}"
-    sel = select if callable(select) else (lambda n, leaf, r=re.compile(select): bool(r.search(n)))
-    part = layer_partition(params, select=lambda n, leaf: jnp.ndim(leaf) >= 2 and sel(n, leaf))
+    sel = select if callable(select) else (lambda n, r=re.compile(select): bool(r.search(n)))
+    part = layer_partition(params, select=lambda n, leaf: jnp.ndim(leaf) >= 2 and sel(n))
     n = len(splits.train_labels)
     m = min(num_examples, n)
     idx = np.random.default_rng(seed).permutation(n)[:m]
