@@ -1,0 +1,176 @@
+"""Benchmark: cost of the Hessian distance measure on a small CNN (issue 3).
+
+Times :func:`hessjax.measures.hessian_distance` for 256 examples of a small CNN (three 3x3
+convolutions on 32x32x3 inputs, then a dense head) on this machine, for a few Lanczos step
+counts and example chunk sizes, and the reference-code variant. Writes JSON with the time per
+example, the HVPs per example (``L * num_iters`` block products), the compile time and the peak
+resident memory of the process.
+
+Usage::
+
+    .venv/bin/python experiments/bench_measure.py [--out experiments/results/bench_measure.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import hessjax
+from hessjax import measures
+
+
+def small_cnn(key: jax.Array, num_classes: int = 10):
+    """Params and per-example loss of a small CNN: conv16-conv32-conv32 (stride 2) -> dense."""
+    ks = jax.random.split(key, 4)
+
+    def conv_init(k, cin, cout):
+        return jax.random.normal(k, (3, 3, cin, cout)) * np.sqrt(2.0 / (9 * cin))
+
+    params = {
+        "conv1": {"kernel": conv_init(ks[0], 3, 16), "bias": jnp.zeros(16)},
+        "conv2": {"kernel": conv_init(ks[1], 16, 32), "bias": jnp.zeros(32)},
+        "conv3": {"kernel": conv_init(ks[2], 32, 32), "bias": jnp.zeros(32)},
+        "head": {
+            "kernel": jax.random.normal(ks[3], (4 * 4 * 32, num_classes)) * 0.05,
+            "bias": jnp.zeros(num_classes),
+        },
+    }
+
+    def logits_fn(p, x):
+        h = x[None]
+        for name in ("conv1", "conv2", "conv3"):
+            h = jax.lax.conv_general_dilated(
+                h, p[name]["kernel"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            h = jnp.tanh(h + p[name]["bias"])
+        return h.reshape(-1) @ p["head"]["kernel"] + p["head"]["bias"]
+
+    def loss(p, example):
+        x, y = example
+        return -jax.nn.log_softmax(logits_fn(p, x))[y]
+
+    return params, loss
+
+
+def _time(fn, repeats: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return first, float(np.median(times))
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmark and writes the JSON; returns the results."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="experiments/results/bench_measure.json")
+    parser.add_argument("--num-examples", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    key = jax.random.key(args.seed)
+    k_params, k_anchor, k_x, k_y = jax.random.split(key, 4)
+    params, loss = small_cnn(k_params)
+    anchor = jax.tree_util.tree_map(
+        lambda x, k: x - 0.05 * jax.random.normal(k, x.shape),
+        params,
+        jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(params),
+            list(jax.random.split(k_anchor, len(jax.tree_util.tree_leaves(params)))),
+        ),
+    )
+    m = args.num_examples
+    examples = (
+        jax.random.normal(k_x, (m, 32, 32, 3)),
+        jax.random.randint(k_y, (m,), 0, 10),
+    )
+    part = hessjax.layer_partition(params)
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    rows = []
+    configs = [
+        ("canonical", 4, 16),
+        ("canonical", 8, 16),
+        ("canonical", 16, 16),
+        ("canonical", 8, 64),
+        ("reference", 0, 16),
+    ]
+    for variant, num_iters, chunk in configs:
+        kwargs = dict(n=1000, partition=part, chunk_size=chunk, variant=variant)
+        if variant == "canonical":
+            kwargs["num_iters"] = num_iters
+        first, median = _time(
+            lambda kwargs=kwargs: (
+                hessjax.measures.hessian_distance(loss, params, anchor, examples, **kwargs).measure
+            ),
+            args.repeats,
+        )
+        hvps = part.num_layers * num_iters if variant == "canonical" else 1.0 / 4
+        row = {
+            "variant": variant,
+            "num_iters": num_iters if variant == "canonical" else None,
+            "chunk_size": chunk,
+            "seconds_total": median,
+            "seconds_first_call_incl_compile": first,
+            "seconds_per_example": median / m,
+            "hvps_per_example": hvps,
+            "ms_per_hvp": 1e3 * median / (m * hvps),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    # Cost of one gradient of a batch of 256 for scale.
+    batch_loss = jax.jit(jax.grad(lambda p: jnp.mean(jax.vmap(lambda ex: loss(p, ex))(examples))))
+    _, grad_time = _time(lambda: batch_loss(params), 5)
+    result = {
+        "benchmark": "hessian_distance on a small CNN",
+        "command": " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:])),
+        "commit": _commit(),
+        "seed": args.seed,
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "num_examples": m,
+        "num_params": int(num_params),
+        "layers": list(part.names),
+        "layer_sizes": list(part.sizes),
+        "seconds_gradient_batch_of_examples": grad_time,
+        "rows": rows,
+        "measure_value": float(
+            measures.hessian_distance(
+                loss, params, anchor, examples, n=1000, partition=part
+            ).measure
+        ),
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

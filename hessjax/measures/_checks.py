@@ -1,0 +1,77 @@
+"""Argument checks shared by the measures (private)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hessjax.hvp import check_like
+from hessjax.partition import Partition, layer_partition
+
+PyTree = Any
+
+
+def is_concrete(x: Any) -> bool:
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x))
+
+
+def num_examples(examples: PyTree, name: str = "examples") -> int:
+    leaves = jax.tree_util.tree_leaves(examples)
+    if not leaves:
+        raise ValueError(f"{name} must be a pytree with at least one array leaf, got {examples!r}")
+    sizes = {int(jnp.shape(x)[0]) if jnp.ndim(x) else -1 for x in leaves}
+    if -1 in sizes or len(sizes) != 1:
+        raise ValueError(
+            f"every leaf of {name} must have the same leading (example) axis; got sizes {sizes}"
+        )
+    m = sizes.pop()
+    if m < 1:
+        raise ValueError(f"{name} is empty (leading size 0): at least one example is needed")
+    return m
+
+
+def check_n(n: Any) -> jax.Array:
+    if is_concrete(n):
+        n_arr = np.asarray(n)
+        if n_arr.shape != () or not np.isfinite(n_arr) or n_arr < 1:
+            raise ValueError(f"n (the training-set size) must be a scalar >= 1, got {n!r}")
+    return jnp.asarray(n, dtype=jnp.result_type(float))
+
+
+def check_static_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def resolve_partition(params: PyTree, partition: Partition | None) -> Partition:
+    if partition is None:
+        return layer_partition(params)
+    if not isinstance(partition, Partition):
+        raise TypeError(f"partition must be a hessjax.Partition, got {type(partition).__name__}")
+    partition.check(params, "params")
+    return partition
+
+
+def check_finite_losses(losses: jax.Array, what: str) -> None:
+    if is_concrete(losses):
+        bad = np.flatnonzero(~np.isfinite(np.asarray(losses)))
+        if bad.size:
+            raise ValueError(
+                f"loss_fn returned a non-finite loss (NaN/inf) for {what} {bad[:10].tolist()}"
+                f"{' ...' if bad.size > 10 else ''}: the measure would be meaningless"
+            )
+
+
+def displacement(params: PyTree, anchor: PyTree) -> PyTree:
+    """``v = params - anchor``, after checking that ``anchor`` matches ``params`` exactly.
+
+    Raises:
+      ValueError: tree structure or a leaf shape differs (the message names the leaf).
+      TypeError: a leaf dtype differs.
+    """
+    check_like(params, anchor, "anchor")
+    return jax.tree_util.tree_map(jnp.subtract, params, anchor)
