@@ -26,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     "block_hvp_fn": "hvp",
     # partition.py
     "Partition": "partition",
-    "partition": "partition",
+    "layer_partition": "partition",
     "path_name": "partition",
     # estimators.py
     "Estimate": "estimators",
@@ -42,8 +42,25 @@ _EXPORTS: dict[str, str] = {
     "positive_quadratic_form": "estimators",
     "trace_of_function": "estimators",
     "power_iteration": "estimators",
-    # measures.py
+    # measures/
+    "HessianDistance": "measures",
+    "LayerTraces": "measures",
+    "NoiseStability": "measures",
+    "Report": "measures",
+    "displacement": "measures",
+    "distances": "measures",
+    "hessian_distance": "measures",
+    "layer_traces": "measures",
+    "noise_stability": "measures",
+    "report": "measures",
+    "spectral_norms": "measures",
     # bounds.py
+    "Bound": "bounds",
+    "corollary_bound": "bounds",
+    "generalization_gap": "bounds",
+    "hessian_bound": "bounds",
+    "log10_spectral_norm_bound_term": "bounds",
+    "spectral_norm_bound": "bounds",
     # losses.py
     "backward_corrected_cross_entropy": "losses",
     "forward_corrected_cross_entropy": "losses",
