@@ -313,8 +313,3 @@ def layer_partition(
         leaf_shapes=tuple(tuple(jnp.shape(leaf)) for _, leaf in flat),
         leaf_names=tuple(lnames),
     )
-
-
-# Transitional alias (the function was first called ``partition``, which the submodule of the
-# same name shadows at the package level); use :func:`layer_partition`.
-partition = layer_partition

@@ -21,7 +21,7 @@ from absl.testing import parameterized
 from hessjax import estimators as E
 from hessjax import partition as P
 
-make_partition = getattr(P, "layer_partition", None) or P.partition
+make_partition = P.layer_partition
 
 SHAPES = {"a": (3, 4), "b": (5,)}  # n = 17, one pytree with two leaves
 BLOCK_SHAPES = {"a": (3, 4), "b": (2, 3), "c": (4,)}  # layers a (12), b (6); c in no layer

@@ -13,7 +13,7 @@ import pytest
 from absl.testing import parameterized
 
 import hessjax.hvp as H
-from hessjax.partition import partition
+from hessjax.partition import layer_partition as partition
 from tests import _models as M
 
 MODELS = tuple(M.FACTORIES)

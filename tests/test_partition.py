@@ -10,7 +10,8 @@ import optax
 import pytest
 from absl.testing import parameterized
 
-from hessjax.partition import Partition, leaf_names, partition, path_name
+from hessjax.partition import Partition, leaf_names, path_name
+from hessjax.partition import layer_partition as partition
 from tests import _models as M
 
 
