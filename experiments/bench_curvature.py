@@ -15,9 +15,10 @@ Writes one JSON file (default ``experiments/results/bench_curvature.json``) with
 * ``targets``: hvp_fn product <= 1.5x a gradient; Hutch++ >= 3x fewer matvecs than
   Hutchinson; Lanczos >= 5x fewer matvecs than deflated power iteration.
 
-Everything is jitted; a single linearised product is timed as the marginal cost of products run
-one after another after one linearisation, ``(T(1 + n) - T(1)) / n`` with ``T(m)`` the time of
-``batch_matvec(hvp_fn(...), vs, chunk_size=1)`` on ``m`` probes (``lax.map``, one at a time).
+Everything is compiled. ``hvp_fn_product`` calls the matvec that ``hvp_fn`` returns for the
+jitted loss (the linearisation ran once; a call runs the compiled linear part on the stored
+residuals); ``hvp_fn_product_jit`` is ``jax.jit`` of that matvec; ``hvp_fn_linearise`` is the
+time of linearisation plus one product in one jitted call minus ``hvp_fn_product``.
 Timings on a shared machine are noisy; compare ratios, and rerun on a quiet machine.
 
 Usage::
@@ -45,7 +46,7 @@ import numpy as np
 
 import hessjax
 from hessjax import estimators
-from hessjax.hvp import batch_matvec, batched_hvp, block_hvp, hvp, hvp_fn
+from hessjax.hvp import batched_hvp, block_hvp, hvp, hvp_fn
 from hessjax.partition import layer_partition
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_curvature.json"
@@ -166,7 +167,7 @@ def random_like(key: jax.Array, params: Any, num: int | None = None) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def time_products(loss_fn, params, batch, *, repeats: int, probes=(8, 32), sequential=8) -> dict:
+def time_products(loss_fn, params, batch, *, repeats: int, probes=(8, 32)) -> dict:
     """Times loss, gradient and the Hessian products of one model (all jitted).
 
     Args:
@@ -175,7 +176,6 @@ def time_products(loss_fn, params, batch, *, repeats: int, probes=(8, 32), seque
       batch: the data.
       repeats: timed calls per measurement (median reported).
       probes: numbers of vmapped probes for the per-probe cost.
-      sequential: number of extra one-at-a-time products for the marginal product cost.
 
     Returns:
       A dict of seconds and of ratios to the gradient time.
@@ -187,10 +187,7 @@ def time_products(loss_fn, params, batch, *, repeats: int, probes=(8, 32), seque
     grad = jax.jit(jax.grad(loss_fn))
     product = jax.jit(lambda p, v, b: hvp(loss_fn, p, v, b))
 
-    def sequential_products(p, vs, b):  # one linearisation, then products one at a time
-        return batch_matvec(hvp_fn(loss_fn, p, b), vs, chunk_size=1)
-
-    seq = jax.jit(sequential_products)
+    one_shot = jax.jit(lambda p, v, b: hvp_fn(loss_fn, p, b)(v))
     batched = jax.jit(lambda p, vs, b: batched_hvp(loss_fn, p, vs, b))
     block = jax.jit(lambda p, v, b: block_hvp(loss_fn, p, v, part, b))
 
@@ -202,13 +199,15 @@ def time_products(loss_fn, params, batch, *, repeats: int, probes=(8, 32), seque
     t["loss"] = median_time(loss, params, batch, repeats=repeats)
     t["grad"] = median_time(grad, params, batch, repeats=repeats)
     t["hvp"] = median_time(product, params, v, batch, repeats=repeats)
-    t_one = median_time(seq, params, random_like(key, params, 1), batch, repeats=repeats)
-    t_many = median_time(
-        seq, params, random_like(key, params, 1 + sequential), batch, repeats=repeats
+    # hvp_fn of the jitted loss: the linearisation runs once (compiled), and every call of the
+    # returned matvec runs only the compiled linear part on the stored residuals.
+    matvec = hvp_fn(loss, params, batch)
+    t["hvp_fn_product"] = median_time(matvec, v, repeats=repeats)
+    t["hvp_fn_product_jit"] = median_time(jax.jit(matvec), v, repeats=repeats)
+    t["hvp_fn_linearise_plus_one_product"] = median_time(
+        one_shot, params, v, batch, repeats=repeats
     )
-    t["hvp_fn_product"] = max(t_many - t_one, 0.0) / sequential
-    t["hvp_fn_linearise"] = max(t_one - t["hvp_fn_product"], 0.0)
-    t["hvp_fn_linearise_plus_one_product"] = t_one
+    t["hvp_fn_linearise"] = max(t["hvp_fn_linearise_plus_one_product"] - t["hvp_fn_product"], 0.0)
     for m in probes:
         total = median_time(batched, params, random_like(key, params, m), batch, repeats=repeats)
         t[f"batched_{m}_total"] = total
@@ -423,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     product_ratio = max(m["ratio_to_grad"]["hvp_fn_product"] for m in results["timings"].values())
     trace_ratio = results["trace"]["ratio"]
-    eigen_ratio = min((e["ratio"] or 0.0) for e in results["eigen"])
+    eigen_ratios = {e["spectrum"]: e["ratio"] for e in results["eigen"]}
     results["targets"] = {
         "hvp_fn_product_over_grad": {
             "value": product_ratio,
@@ -436,9 +435,9 @@ def main(argv: list[str] | None = None) -> dict:
             "met": bool(trace_ratio and trace_ratio >= 3),
         },
         "power_over_lanczos_matvecs": {
-            "value": eigen_ratio,
+            "value": eigen_ratios,
             "target": ">= 5",
-            "met": eigen_ratio >= 5,
+            "met": {k: bool(r and r >= 5) for k, r in eigen_ratios.items()},
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
