@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hessjax.hvp import chunked_vmap
 from hessjax.partition import Partition, path_name
+from hessjax.sharding import sharded_map
 
 PyTree = Any
 Matvec = Callable[[PyTree], PyTree]
@@ -130,3 +132,10 @@ def _combine(part: Partition, stacked: PyTree, coef: jax.Array) -> PyTree:
 
 def _safe_inverse(x: jax.Array, ok: jax.Array) -> jax.Array:
     return jnp.where(ok, 1.0 / jnp.where(ok, x, 1.0), 0.0).astype(x.dtype)
+
+
+def _map(fn: Callable, xs: PyTree, chunk_size: int | None, mesh: Any) -> PyTree:
+    """``chunked_vmap`` over the probe axis; split over ``mesh``'s data axis when given."""
+    if mesh is None:
+        return chunked_vmap(fn, xs, chunk_size=chunk_size)
+    return sharded_map(fn, xs, mesh, chunk_size=chunk_size)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +25,12 @@ from hessjax.estimators._base import (
     _check_chunk,
     _check_int,
     _layout,
+    _map,
     _random_tree,
     _squeeze,
     _stats,
 )
 from hessjax.estimators.lanczos import LanczosResult, _lanczos, _ritz
-from hessjax.hvp import chunked_vmap
 from hessjax.partition import Partition
 
 
@@ -158,6 +158,7 @@ def trace_of_function(
     num_iters: int,
     chunk_size: int | None = None,
     partition: Partition | None = None,
+    mesh: Any = None,
 ) -> Estimate:
     """``Tr f(H)`` by stochastic Lanczos quadrature (e.g. ``Tr H^+`` per layer).
 
@@ -177,6 +178,9 @@ def trace_of_function(
       num_iters: keyword-only, Lanczos steps per probe ``>= 1``.
       chunk_size: keyword-only, how many probes run vmapped at once (``None``: all).
       partition: optional layers; then value and stderr have shape ``(L,)``.
+      mesh: keyword-only, a ``jax.sharding.Mesh`` (:func:`hessjax.sharding.make_mesh`): the
+        probes (each with its own Lanczos run) are split over its data axis; same probes as
+        without a mesh, so the same result for the same ``key`` (to float tolerance).
 
     Returns:
       ``Estimate(value, stderr)`` (stderr NaN for one probe).
@@ -206,7 +210,7 @@ def trace_of_function(
     def one(z: PyTree) -> jax.Array:
         return _gauss_quadrature(_lanczos(matvec, z, num_iters, part), part.sq_norms(z), fn)
 
-    samples = chunked_vmap(one, probes, chunk_size=chunk_size)  # (num_probes, L)
+    samples = _map(one, probes, chunk_size, mesh)  # (num_probes, L)
     return _squeeze(_stats(samples), per_layer)
 
 
@@ -221,6 +225,7 @@ def spectral_density(
     sigma: float | jax.Array | None = None,
     num_grid: int = 1000,
     chunk_size: int | None = None,
+    mesh: Any = None,
 ) -> SpectralDensity:
     """The eigenvalue density of ``H`` by stochastic Lanczos quadrature, Gaussian-broadened.
 
@@ -246,7 +251,10 @@ def spectral_density(
       sigma: the Gaussian width; default 1% of the range of the nodes (1% of ``|theta|`` or
         0.01 when the range is 0).
       num_grid: the number of default grid points.
-      chunk_size: keyword-only, how many probes run vmapped at once.
+      chunk_size: keyword-only, how many probes run vmapped at once (per device with a mesh).
+      mesh: keyword-only, a ``jax.sharding.Mesh`` (:func:`hessjax.sharding.make_mesh`): the
+        probes (each with its own Lanczos run) are split over its data axis; same probes as
+        without a mesh, so the same result for the same ``key`` (to float tolerance).
 
     Returns:
       A :class:`SpectralDensity` ``(grid, density, nodes, weights)``.
@@ -284,7 +292,7 @@ def spectral_density(
         weights = jnp.where(genuine, vectors[..., 0, :] ** 2, 0)[0]
         return jnp.where(genuine, theta, 0)[0], weights
 
-    nodes, weights = chunked_vmap(one, probes, chunk_size=chunk_size)
+    nodes, weights = _map(one, probes, chunk_size, mesh)
     dtype = nodes.dtype
     has = weights > 0
     lo = jnp.min(jnp.where(has, nodes, jnp.inf))

@@ -8,6 +8,8 @@ References:
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,12 +22,14 @@ from hessjax.estimators._base import (
     _check_chunk,
     _check_int,
     _layout,
+    _map,
     _random_tree,
     _squeeze,
     _stats,
 )
-from hessjax.hvp import chunked_vmap
 from hessjax.partition import Partition
+
+Mesh = Any  # a jax.sharding.Mesh (see hessjax.sharding)
 
 
 def hutchinson_trace(
@@ -36,6 +40,7 @@ def hutchinson_trace(
     num_probes: int,
     chunk_size: int | None = None,
     partition: Partition | None = None,
+    mesh: Mesh | None = None,
 ) -> Estimate:
     """Hutchinson's stochastic trace estimate of a symmetric operator.
 
@@ -46,7 +51,7 @@ def hutchinson_trace(
     ``Tr H_ii = E[z_i^T H_ii z_i]`` come from the same probes (``partition.dot``).
 
     Cost: ``num_probes`` matvecs, vmapped ``chunk_size`` at a time (memory ``chunk_size``
-    matvecs and probes).
+    matvecs and probes); with a ``mesh`` of ``D`` devices ``ceil(num_probes / D)`` per device.
 
     Args:
       matvec: ``v -> H v`` over pytrees like ``like`` (block-diagonal with a partition).
@@ -55,6 +60,11 @@ def hutchinson_trace(
       num_probes: keyword-only, the number of probes ``>= 1``.
       chunk_size: keyword-only, how many probes are vmapped at once (``None``: all).
       partition: optional layers; then value and stderr have shape ``(L,)``.
+      mesh: keyword-only, a ``jax.sharding.Mesh`` (:func:`hessjax.sharding.make_mesh`): the
+        probes are split over its data axis (:func:`hessjax.sharding.sharded_map`, any
+        ``num_probes``; ``chunk_size`` then applies per device). The probes are drawn as
+        without a mesh, so the estimate equals the single-device one for the same ``key``
+        (to float tolerance). ``None``: one device.
 
     Returns:
       ``Estimate(value, stderr)``; ``stderr`` is ``std(ddof=1) / sqrt(num_probes)``, NaN when
@@ -78,7 +88,7 @@ def hutchinson_trace(
     _check_chunk(chunk_size)
     part, per_layer = _layout(like, partition, "like")
     probes = _random_tree(key, like, part, num_probes)
-    products = chunked_vmap(matvec, probes, chunk_size=chunk_size)
+    products = _map(matvec, probes, chunk_size, mesh)
     samples = jax.vmap(part.dot)(probes, products)  # (num_probes, L)
     return _squeeze(_stats(samples), per_layer)
 
@@ -100,6 +110,7 @@ def hutchpp_trace(
     num_probes: int,
     chunk_size: int | None = None,
     partition: Partition | None = None,
+    mesh: Mesh | None = None,
 ) -> Estimate:
     """Hutch++ trace estimate: an exact trace on a sketched top subspace plus Hutchinson.
 
@@ -123,6 +134,8 @@ def hutchpp_trace(
       num_probes: keyword-only, the total number of matvecs, ``>= 3``.
       chunk_size: keyword-only, how many vectors are vmapped at once (``None``: all).
       partition: optional layers; then value and stderr have shape ``(L,)``.
+      mesh: keyword-only, a ``jax.sharding.Mesh``: the ``s``, ``s`` and ``g`` matvecs of each
+        stage are split over its data axis (same estimate as without, for the same ``key``).
 
     Returns:
       ``Estimate(value, stderr)``; ``stderr`` is that of the Hutchinson part (the sketch part
@@ -155,7 +168,7 @@ def hutchpp_trace(
 
     def apply(rows: jax.Array) -> jax.Array:  # (m, n) -> (m, n): H applied to every row
         fn = lambda x: ravel_pytree(matvec(unravel(x)))[0].astype(dtype)
-        return chunked_vmap(fn, rows, chunk_size=chunk_size)
+        return _map(fn, rows, chunk_size, mesh)
 
     def per_layer_sum(x: jax.Array) -> jax.Array:  # (n, ...) -> (L, ...)
         return jax.ops.segment_sum(x, seg, num_segments=num_layers + 1)[:num_layers]

@@ -26,6 +26,7 @@ from hessjax.measures._checks import (
     resolve_partition,
 )
 from hessjax.partition import Partition
+from hessjax.sharding import replicate, sharded_map
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -87,6 +88,7 @@ def hessian_distance(
     layer_chunk_size: int | None = None,
     variant: str = "canonical",
     batch_size: int = 4,
+    mesh: Any = None,
 ) -> HessianDistance:
     """The paper's Hessian distance measure ``sum_i sqrt(calH_i / n)``, per layer.
 
@@ -114,6 +116,13 @@ def hessian_distance(
     ``chunk_size`` examples (and ``layer_chunk_size`` layers) at a time. Memory: about
     ``chunk_size * (L + num_iters)`` params-sized vectors. Reference: one HVP per batch.
 
+    Sharded (``mesh`` given): the examples (canonical) or batches (reference) are split over
+    the mesh's data axis (:func:`hessjax.sharding.sharded_map`: padded to a multiple of the
+    device count ``D``, the padding dropped before any reduction), params and ``v`` are
+    replicated, and each device runs ``ceil(m / D)`` examples, ``chunk_size`` at a time. The
+    max and argmax then run over all ``m`` true examples of all shards, so the result equals
+    the single-device one (to float tolerance) for any ``m``.
+
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar``, the loss of ONE example (for the
         reference variant the batch loss is the mean of these).
@@ -131,6 +140,8 @@ def hessian_distance(
       layer_chunk_size: layers whose block products are vmapped at once; ``None``: all.
       variant: ``"canonical"`` or ``"reference"``.
       batch_size: examples per batch for the reference variant (the reference code uses 4).
+      mesh: keyword-only, a ``jax.sharding.Mesh`` (:func:`hessjax.sharding.make_mesh`) to
+        split the examples over; ``None`` (default): one device, the unsharded code path.
 
     Returns:
       A :class:`HessianDistance` (``.measure``, ``.per_layer``, ``.argmax``, ...).
@@ -166,6 +177,8 @@ def hessian_distance(
         check_static_int(chunk_size, "chunk_size")
     if layer_chunk_size is not None:
         check_static_int(layer_chunk_size, "layer_chunk_size")
+    if mesh is not None:
+        params, v = replicate((params, v), mesh)
     if variant == "canonical":
         per_layer, argmax, losses = _canonical(
             loss_fn,
@@ -177,11 +190,20 @@ def hessian_distance(
             truncate=bool(truncate),
             chunk_size=chunk_size,
             layer_chunk_size=layer_chunk_size,
+            mesh=mesh,
         )
         check_finite_losses(losses, "examples")
     else:
         per_layer, argmax, losses = _reference(
-            loss_fn, params, v, examples, part, m=m, batch_size=batch_size, chunk_size=chunk_size
+            loss_fn,
+            params,
+            v,
+            examples,
+            part,
+            m=m,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            mesh=mesh,
         )
         check_finite_losses(losses, "batches")
     return HessianDistance(
@@ -204,10 +226,21 @@ def hessian_distance(
         "truncate",
         "chunk_size",
         "layer_chunk_size",
+        "mesh",
     ),
 )
 def _canonical(
-    loss_fn, params, v, examples, partition, *, num_iters, truncate, chunk_size, layer_chunk_size
+    loss_fn,
+    params,
+    v,
+    examples,
+    partition,
+    *,
+    num_iters,
+    truncate,
+    chunk_size,
+    layer_chunk_size,
+    mesh=None,
 ):
     v = partition.restrict(v)
 
@@ -221,14 +254,21 @@ def _canonical(
             q = jnp.maximum(partition.dot(v, blocks(v)), 0.0)
         return q, loss_fn(params, example)
 
-    values, losses = chunked_vmap(one, examples, chunk_size=chunk_size)
+    values, losses = _map_rows(one, examples, chunk_size, mesh)
     return jnp.max(values, axis=0), jnp.argmax(values, axis=0), losses
 
 
+def _map_rows(fn, xs, chunk_size, mesh):
+    """``chunked_vmap``; with a mesh split over its data axis (padding dropped: exact max)."""
+    if mesh is None:
+        return chunked_vmap(fn, xs, chunk_size=chunk_size)
+    return sharded_map(fn, xs, mesh, chunk_size=chunk_size)
+
+
 @functools.partial(
-    jax.jit, static_argnames=("loss_fn", "partition", "m", "batch_size", "chunk_size")
+    jax.jit, static_argnames=("loss_fn", "partition", "m", "batch_size", "chunk_size", "mesh")
 )
-def _reference(loss_fn, params, v, examples, partition, *, m, batch_size, chunk_size):
+def _reference(loss_fn, params, v, examples, partition, *, m, batch_size, chunk_size, mesh=None):
     v = partition.restrict(v)
     num_batches = -(-m // batch_size)
     pad = num_batches * batch_size - m
@@ -250,5 +290,5 @@ def _reference(loss_fn, params, v, examples, partition, *, m, batch_size, chunk_
 
         return partition.dot(v, hvp(batch_loss, params, v)), batch_loss(params)
 
-    values, losses = chunked_vmap(one, (batches, weights), chunk_size=chunk_size)
+    values, losses = _map_rows(one, (batches, weights), chunk_size, mesh)
     return jnp.max(values, axis=0), jnp.argmax(values, axis=0), losses
