@@ -18,11 +18,14 @@ References:
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hessjax.partition import Partition, path_name
 
@@ -291,12 +294,16 @@ def block_hvp_fn(
     result holds ``H_ii v_i`` in the leaves of layer ``i`` and zeros in leaves that belong to
     no layer. Layers are disjoint, so one params-shaped pytree holds all blocks' products.
 
-    Computation: ``v`` is stacked into ``L`` copies each restricted to one layer
-    (:meth:`Partition.stack`), all ``L`` copies go through one linearised Hessian product
-    (vmapped, ``chunk_size`` layers at a time), and each layer keeps its own part.
+    Computation: the gradient is taken with respect to the partition's leaves only (the other
+    leaves are constants) and linearised once; ``v`` is stacked into ``L`` copies each
+    restricted to one layer, all ``L`` copies go through the linearised gradient (vmapped,
+    ``chunk_size`` layers at a time), and each layer keeps its own part.
 
-    Cost: one linearisation, then ``L`` Hessian products per call; memory ``L`` (or
-    ``chunk_size``) tangents. ``H`` is never formed.
+    Cost: one linearisation, then ``L`` Hessian products per call. Because leaves outside the
+    partition are not differentiated, each product runs the tangent forward pass from the
+    first selected layer only and the backward pass down to it only: measuring the later
+    layers of a deep network is correspondingly cheaper. Memory: ``L`` (or ``chunk_size``)
+    tangents of the selected leaves. ``H`` is never formed.
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar``.
@@ -321,13 +328,39 @@ def block_hvp_fn(
     References:
       Ju, Li & Zhang, ICML 2022, section 2 (the per-layer blocks ``H_i``).
     """
-    partition.check(params, "params")
-    matvec = hvp_fn(loss_fn, params, *args)
+    leaves = partition.check(params, "params")
+    check_scalar_loss(loss_fn, params, *args)
+    treedef = partition.treedef
+    selected = [j for j, g in enumerate(partition.leaf_layer) if g >= 0]
+    layer_of = np.asarray([partition.leaf_layer[j] for j in selected])
+    eye = np.eye(partition.num_layers, dtype=bool)
+
+    def loss_of_selected(xs: list[jax.Array]) -> jax.Array:
+        full = list(leaves)
+        for j, x in zip(selected, xs, strict=True):
+            full[j] = x
+        return loss_fn(jax.tree_util.tree_unflatten(treedef, full), *args)
+
+    # Differentiate w.r.t. the partition's leaves only: the other leaves are constants, so the
+    # forward tangents start at the first selected layer and the backward pass stops there.
+    _, linear = jax.linearize(jax.grad(loss_of_selected), [leaves[j] for j in selected])
 
     def blocks(v: PyTree) -> PyTree:
         check_like(params, v, "v")
-        stacked = batch_matvec(matvec, partition.stack(v), chunk_size=chunk_size)
-        return partition.unstack(stacked)
+        v_leaves = jax.tree_util.tree_leaves(v)
+        stacked = [
+            jnp.where(
+                jnp.asarray(eye[g]).reshape((-1,) + (1,) * jnp.ndim(v_leaves[j])),
+                v_leaves[j][None],
+                jnp.zeros_like(v_leaves[j])[None],
+            )
+            for j, g in zip(selected, layer_of, strict=True)
+        ]
+        products = batch_matvec(linear, stacked, chunk_size=chunk_size)
+        out = [jnp.zeros_like(x) for x in v_leaves]
+        for t, (j, g) in enumerate(zip(selected, layer_of, strict=True)):
+            out[j] = products[t][g]
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     return blocks
 
@@ -356,3 +389,18 @@ def block_hvp(
       2.0
     """
     return block_hvp_fn(loss_fn, params, partition, *args, chunk_size=chunk_size)(v)
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`hvp`: ``hessjax.hvp(loss_fn, params, v, *args)``.
+
+    Importing the submodule ``hessjax.hvp`` binds the name ``hvp`` on the package to the
+    module, which would shadow the function of the same name; making the module call the
+    function keeps both ``hessjax.hvp(...)`` and ``hessjax.hvp.hvp_fn`` working.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> PyTree:
+        return hvp(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -55,4 +55,29 @@ def test_help_documents_every_option(capsys):
             main([cmd, "--help"])
         text = capsys.readouterr().out
         assert "--seed" in text
-    assert "--resume" in text or True
+        if cmd == "finetune":
+            for option in ("--method", "--transition", "--noise-rate", "--radius", "--resume"):
+                assert option in text, option
+
+
+def test_dual_t_transition_and_best_checkpoint(tmp_path, capsys):
+    """The paper's algorithm with T estimated by Dual-T from a plain run's predictions."""
+    import numpy as np
+
+    out = tmp_path / "run"
+    tiny = [a if a != "4" else "25" for a in TINY]  # 25 per class: the plain model must learn
+    args = ["finetune", *tiny, "--method", "robust", "--transition", "dual_t",
+            "--noise-rate", "0.2", "--epochs", "12", "--output-dir", str(out)]  # fmt: skip
+    assert main(args) == 0
+    t = np.asarray(json.loads((out / "transition.json").read_text()))
+    assert t.shape == (10, 10)
+    assert np.all(t >= -1e-6)
+    np.testing.assert_allclose(t.sum(axis=1), 1.0, atol=1e-4)
+    assert (out / "dual_t_plain" / "results.json").exists()
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == "robust" and len(res["history"]) >= 1
+    capsys.readouterr()
+    assert main(["measure", str(out), "--examples", "2", "--num-iters", "2",
+                 "--checkpoint", "best"]) == 0  # fmt: skip
+    m = json.loads((out / "measure.json").read_text())
+    assert np.isfinite(m["canonical"]["measure"])
