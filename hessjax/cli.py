@@ -35,6 +35,30 @@ _MOBILENET_RADII = (0.5, 1.5, 2.0)
 
 
 # ------------------------------------------------------------------------------ helpers
+def _devices_arg(text: str) -> int | str:
+    """``--devices``: a positive int or ``all``."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive int or 'all', got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {value}")
+    return value
+
+
+def _mesh(devices: int | str | None):
+    """The data-parallel mesh for ``--devices`` (None: one device, no mesh)."""
+    if devices is None:
+        return None
+    from hessjax.sharding import make_mesh
+
+    return make_mesh(None if devices == "all" else devices)
+
+
 def _transition(kind: str, rate: float, k: int):
     from hessjax.noise import symmetric_transition, uniform_replacement_transition
 
@@ -138,6 +162,9 @@ def run_finetune(cfg: dict, *, progress: bool = True, splits=None) -> dict[str, 
       cfg: the options of ``hessjax finetune`` (see ``--help``) as a dict.
       progress: tqdm bars.
       splits: already loaded :class:`hessjax.Splits` (must match ``cfg``), to share data.
+        ``cfg["devices"]`` (``--devices``: an int or ``"all"``; absent/None: one device)
+        splits every training batch over a data-parallel mesh
+        (:func:`hessjax.sharding.make_mesh`, :func:`hessjax.train.fit` ``mesh=``).
 
     Returns:
       The results dict (also in ``results.json``) with ``"step_time"`` (seconds per step).
@@ -201,7 +228,8 @@ def run_finetune(cfg: dict, *, progress: bool = True, splits=None) -> dict[str, 
                                              "noise_type", "image_size", "transition")}  # fmt: skip
     t0 = time.perf_counter()
     result = fit(model, method.loss, method.tx, train, val, config=tcfg, workdir=out,
-                 resume=cfg["resume"], fingerprint=fingerprint, progress=progress)  # fmt: skip
+                 resume=cfg["resume"], fingerprint=fingerprint, progress=progress,
+                 mesh=_mesh(cfg.get("devices")))  # fmt: skip
     wall = time.perf_counter() - t0
     _save_tree(out / "final", _pure_state(result.model))
     tr = evaluate(result.model, *train)
@@ -247,6 +275,7 @@ def measure_run(
     variant: str = "canonical",
     checkpoint: str = "final",
     seed: int = 0,
+    devices: int | str | None = None,
 ) -> dict[str, Any]:
     """The Hessian distance report and the theorem's bound of a ``hessjax finetune`` run.
 
@@ -267,6 +296,8 @@ def measure_run(
       variant: ``"canonical"``, ``"reference"`` or ``"both"``.
       checkpoint: ``"final"`` or ``"best"``.
       seed: the example choice.
+      devices: split the examples over this many devices (an int, or ``"all"``) with
+        :func:`hessjax.hessian_distance` ``mesh=``; None: one device. Same numbers.
 
     Returns:
       A dict with the report(s), the bound, train/test loss and the timing.
@@ -351,11 +382,13 @@ def measure_run(
         "loss_bound_C": tr["max_loss"],
     }
     variants = ("canonical", "reference") if variant == "both" else (variant,)
+    mesh = _mesh(devices)
+    out["devices"] = 1 if mesh is None else int(mesh.devices.size)
     for v in variants:
         t0 = time.perf_counter()
         hd = hessian_distance(example_loss, params, saved_anchor["params"], examples, n=n,
                               partition=part, num_iters=num_iters, chunk_size=chunk_size,
-                              variant=v)  # fmt: skip
+                              variant=v, mesh=mesh)  # fmt: skip
         rep = report(hd)
         seconds = time.perf_counter() - t0
         bound = hessian_bound(tr["loss"], rep.measure, n, loss_bound=max(tr["max_loss"], 1e-12))
@@ -559,6 +592,23 @@ def _add_data_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_mesh_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--devices",
+        type=_devices_arg,
+        default=None,
+        help="data-parallel over this many devices (an int or 'all'; on CPU simulate N with "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=N); default: one device",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: call jax.distributed.initialize first (coordinator, number of "
+        "processes and process id from HESSJAX_COORDINATOR_ADDRESS, HESSJAX_NUM_PROCESSES, "
+        "HESSJAX_PROCESS_ID, or auto-detected); --devices then counts all hosts' devices",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     from hessjax.train.methods import METHODS
 
@@ -631,6 +681,7 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="continue from the output directory's last checkpoint",
     )
+    _add_mesh_options(f)
     f.set_defaults(func=_cmd_finetune)
 
     m = sub.add_parser("measure", help="Hessian distance report and bound of a finetune run",
@@ -656,6 +707,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--checkpoint", default="final", choices=("final", "best"))
     m.add_argument("--seed", type=int, default=0, help="which training examples")
     m.add_argument("--output", default=None, help="JSON file (default: RUN/measure.json)")
+    _add_mesh_options(m)
     m.set_defaults(func=_cmd_measure)
 
     d = sub.add_parser("demo", help="plain vs robust fine-tuning of MobileNetV2 on noisy "
@@ -675,6 +727,7 @@ def _cmd_finetune(args) -> int:
     cfg.pop("func")
     cfg.pop("command")
     progress = not cfg.pop("no_progress")
+    cfg.pop("distributed", None)
     if cfg["method"] == "plain_es":
         cfg["early_stopping"] = True
     res = run_finetune(cfg, progress=progress)
@@ -685,7 +738,8 @@ def _cmd_finetune(args) -> int:
 def _cmd_measure(args) -> int:
     out = measure_run(args.run, num_examples=args.examples, num_iters=args.num_iters,
                       chunk_size=args.chunk_size, layers=args.layers, variant=args.variant,
-                      checkpoint=args.checkpoint, seed=args.seed)  # fmt: skip
+                      checkpoint=args.checkpoint, seed=args.seed,
+                      devices=args.devices)  # fmt: skip
     for v in ("canonical", "reference"):
         if v in out:
             print(f"[{v}] layers: {out['layers']}; max over {out['num_examples']} examples")
@@ -718,6 +772,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if getattr(args, "distributed", False):
+        from hessjax.sharding import initialize_distributed
+
+        initialize_distributed()
     try:
         return args.func(args)
     except ValueError as e:

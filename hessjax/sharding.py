@@ -98,7 +98,7 @@ def make_mesh(
                 "more with XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)"
             )
         chosen = list(available[: int(devices)])
-    elif isinstance(devices, Sequence):
+    elif isinstance(devices, Sequence) and not isinstance(devices, str):
         chosen = list(devices)
         if not chosen:
             raise ValueError("devices must not be an empty sequence")
@@ -131,18 +131,23 @@ def mesh_size(mesh: Mesh, axis_name: str | None = None) -> int:
     return int(mesh.shape[_axis(mesh, axis_name)])
 
 
-def _place(tree: PyTree, sharding: NamedSharding) -> PyTree:
-    """``device_put`` that also works across processes (identical host data everywhere)."""
+def _place(tree: PyTree, sharding: Any) -> PyTree:
+    """``device_put`` that also works across processes (identical host data everywhere).
+
+    ``sharding`` is one ``NamedSharding`` for every leaf or a pytree of them like ``tree``.
+    """
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
 
-    def one(x):
-        if isinstance(x, jax.Array) and x.sharding == sharding:
+    def one(x, s):
+        if isinstance(x, jax.Array) and x.sharding == s:
             return x
         host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 
-    return jax.tree_util.tree_map(one, tree)
+    if isinstance(sharding, NamedSharding):
+        return jax.tree_util.tree_map(lambda x: one(x, sharding), tree)
+    return jax.tree_util.tree_map(one, tree, sharding)
 
 
 def _pad_rows(xs: PyTree, multiple: int) -> tuple[PyTree, int, int]:

@@ -252,6 +252,23 @@ def restore_checkpoint(
     return state, meta
 
 
+def _place_on_mesh(mesh, params, rest, opt_state, fsdp_min_size):
+    """Replicated (or FSDP-sharded) state and a function placing a batch over the data axis."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from hessjax.sharding import _axis, _place, fsdp_sharding, replicate
+
+    if fsdp_min_size is None:
+        params, opt_state = replicate((params, opt_state), mesh)
+    else:
+        params = _place(params, fsdp_sharding(params, mesh, min_size=fsdp_min_size))
+        opt_state = _place(opt_state, fsdp_sharding(opt_state, mesh, min_size=fsdp_min_size))
+    rest = replicate(rest, mesh)
+    rows = NamedSharding(mesh, P(_axis(mesh, None)))
+    return params, rest, opt_state, lambda xb, yb: _place((xb, yb), rows)
+
+
 def _write_metrics(workdir: Path, history: list[dict]) -> None:
     (workdir / "metrics.json").write_text(json.dumps(history, indent=2))
     if history:
@@ -276,6 +293,8 @@ def fit(
     callback: Callable[[int, dict[str, float]], None] | None = None,
     fingerprint: dict[str, Any] | None = None,
     progress: bool = True,
+    mesh: Any = None,
+    fsdp_min_size: int | None = None,
 ) -> FitResult:
     """Fine-tune any nnx classifier with a per-example loss and an optax chain.
 
@@ -296,6 +315,15 @@ def fit(
     Cost: one jitted step per batch (compiled once: the last partial batch of an epoch is
     dropped); one evaluation pass over the validation set per epoch.
 
+    Data parallel (``mesh`` given): every batch is split over the mesh's data axis
+    (``NamedSharding``), params, optimizer state and BatchNorm statistics are replicated (or,
+    with ``fsdp_min_size``, leaves of at least that many elements split along one axis,
+    :func:`hessjax.sharding.fsdp_sharding`), and the same jitted step runs under GSPMD: the
+    batch mean of the loss, the gradient and BatchNorm's batch statistics are reduced over
+    all shards by XLA, so the parameters equal the single-device run's (to float tolerance)
+    and a resumed run may use another device count. Each device computes
+    ``batch_size / D`` examples per step.
+
     Args:
       model: an ``nnx.Module`` mapping a batch of inputs to logits; updated in place.
       loss_fn: per-example ``loss_fn(logits, labels) -> (batch,)``.
@@ -310,6 +338,11 @@ def fit(
         from it interrupts the run, as a kill would).
       fingerprint: extra JSON values (dataset, model name, ...) a resumed run must match.
       progress: show tqdm progress bars.
+      mesh: keyword-only, a ``jax.sharding.Mesh`` (:func:`hessjax.sharding.make_mesh`) whose
+        data axis splits every batch; ``config.batch_size`` must be a multiple of its size.
+        ``None``: one device (the unsharded path).
+      fsdp_min_size: keyword-only, with a ``mesh``: shard params and optimizer-state leaves
+        with at least this many elements (FSDP-style); ``None``: replicate everything.
 
     Returns:
       A :class:`FitResult`.
@@ -317,7 +350,8 @@ def fit(
     Raises:
       ValueError: bad data; fewer training examples than ``batch_size``; an existing
         checkpoint with ``resume=False``; a corrupt or mismatched checkpoint (names the
-        problem); a non-finite training loss.
+        problem); a non-finite training loss; a ``config.batch_size`` that the mesh's
+        device count does not divide; ``fsdp_min_size`` without a mesh.
 
     Example:
       >>> import optax
@@ -343,6 +377,16 @@ def fit(
     if n < bs:
         raise ValueError(f"config.batch_size: {bs} is larger than the training set ({n})")
     spe = n // bs
+    if mesh is not None:
+        from hessjax.sharding import mesh_size
+
+        if bs % mesh_size(mesh):
+            raise ValueError(
+                f"config.batch_size: {bs} is not a multiple of the mesh's {mesh_size(mesh)} "
+                "devices (every step splits one batch evenly over the data axis)"
+            )
+    elif fsdp_min_size is not None:
+        raise ValueError(f"fsdp_min_size: {fsdp_min_size!r} needs a mesh (mesh=None)")
     accepts_rngs = _accepts_rngs(model)
     gtrain, geval, params_state, rest_state = split_model(model)
     # The loop works on plain nested dicts of arrays (what optax and orbax see).
@@ -409,6 +453,11 @@ def fit(
             state, meta = restore_checkpoint(last, target, fp)
             params, rest, opt_state = state["params"], state["rest"], state["opt_state"]
             meta["fingerprint"] = fp
+    place_batch = lambda xb, yb: (xb, yb)
+    if mesh is not None:
+        params, rest, opt_state, place_batch = _place_on_mesh(
+            mesh, params, rest, opt_state, fsdp_min_size
+        )
 
     def save(manager, items, meta_):
         manager.save(
@@ -440,6 +489,7 @@ def fit(
             leave=False,
         )
         for xb, yb in batches[done:]:
+            xb, yb = place_batch(xb, yb)
             params, rest, opt_state, loss, acc = train_step(
                 params, rest, opt_state, xb, yb, jnp.asarray(meta["step"], jnp.uint32)
             )
