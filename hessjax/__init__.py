@@ -123,6 +123,13 @@ _EXPORTS: dict[str, str] = {
     "TinyCNN": "train",
     "mobilenet_v2_stage_depth": "train",
     # sharding.py
+    "make_mesh": "sharding",
+    "mesh_size": "sharding",
+    "shard_batch": "sharding",
+    "replicate": "sharding",
+    "fsdp_sharding": "sharding",
+    "sharded_map": "sharding",
+    "initialize_distributed": "sharding",
 }
 
 _SUBMODULES = (
