@@ -30,7 +30,8 @@ import numpy as np
 __all__ = ["main", "measure_run", "run_finetune"]
 
 _NOISE_TYPES = ("symmetric", "uniform")
-# Radii for MobileNetV2 (D, s, D_head), picked once from a validation check (see the demo).
+# Radii for MobileNetV2 (D, s, D_head): chosen a priori (not tuned on validation data; the
+# paper does not publish its radii). Override with --radius, --radius-scale, --head-radius.
 _MOBILENET_RADII = (0.5, 1.5, 2.0)
 
 
