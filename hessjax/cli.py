@@ -271,7 +271,7 @@ def measure_run(
     *,
     num_examples: int = 16,
     num_iters: int = 8,
-    chunk_size: int | None = 4,
+    chunk_size: int | None = 1,
     layers: str | None = None,
     variant: str = "canonical",
     checkpoint: str = "final",
@@ -692,7 +692,8 @@ def _parser() -> argparse.ArgumentParser:
         "--examples", type=int, default=16, help="training examples the max over examples runs over"
     )
     m.add_argument("--num-iters", type=int, default=8, help="Lanczos steps")
-    m.add_argument("--chunk-size", type=int, default=4, help="examples vmapped at once")
+    m.add_argument("--chunk-size", type=int, default=1,
+                   help="examples vmapped at once (1 is fastest on CPU for conv nets)")  # fmt: skip
     m.add_argument(
         "--layers",
         default=None,
@@ -715,9 +716,10 @@ def _parser() -> argparse.ArgumentParser:
                        "Fashion-MNIST; table, plot and JSON",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     _add_data_options(d, demo=True)
-    d.add_argument("--examples", type=int, default=8, help="examples for the measure")
+    d.add_argument("--examples", type=int, default=64, help="examples for the measure")
     d.add_argument("--num-iters", type=int, default=4, help="Lanczos steps for the measure")
-    d.add_argument("--chunk-size", type=int, default=4, help="examples vmapped at once")
+    d.add_argument("--chunk-size", type=int, default=1,
+                   help="examples vmapped at once (1 is fastest on CPU for conv nets)")  # fmt: skip
     d.add_argument("--output-dir", default="runs/demo", help="where everything goes")
     d.set_defaults(func=_cmd_demo)
     return parser
