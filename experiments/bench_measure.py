@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", choices=("small_cnn", "mobilenet_v2"), default="small_cnn")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--num-iters", type=int, nargs="*", default=None)
-    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("--chunk-size", type=int, default=1)
     args = parser.parse_args(argv)
 
     key = jax.random.key(args.seed)
@@ -157,10 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     if args.num_iters is None:
         configs = [
-            ("canonical", 4, 16),
+            ("canonical", 4, 1),
+            ("canonical", 8, 1),
+            ("canonical", 16, 1),
             ("canonical", 8, 16),
-            ("canonical", 16, 16),
-            ("canonical", 8, 64),
             ("reference", 0, 16),
         ]
     else:
