@@ -205,6 +205,34 @@ def _project_leaf(u: jax.Array, p: jax.Array, a: jax.Array, radius: Any, norm: s
 # public
 
 
+def _anchored_transform(name, per_leaf, what, anchor, state_cls, leaf_fn):
+    """The shared shape of the anchor transforms: per-leaf values, the anchor in the state.
+
+    ``leaf_fn(update, param, anchor, value)`` maps one constrained leaf's update; leaves whose
+    value is ``None`` (free) keep their update.
+    """
+
+    def init_fn(params):
+        params = _unbox(params)
+        values = _per_leaf(per_leaf, params, what)
+        names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        _check_nonnegative(values, names, what)
+        return state_cls(anchor=_anchor_tree(params, anchor, values, "anchor"))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        u_leaves, p_leaves, treedef = _flat_params(updates, params, name)
+        values = _per_leaf(per_leaf, jax.tree.unflatten(treedef, p_leaves), what)
+        anchors = _flat_anchor(state.anchor, len(u_leaves), name)
+        out = [
+            u if value is None or a is None else leaf_fn(u, p, a, value)
+            for u, p, a, value in zip(u_leaves, p_leaves, anchors, values, strict=True)
+        ]
+        return jax.tree.unflatten(treedef, out), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def project_to_anchor(
     radii: PerLeaf,
     *,
@@ -266,30 +294,14 @@ def project_to_anchor(
     """
     if norm not in _NORMS:
         raise ValueError(f"norm: expected one of {_NORMS}, got {norm!r}")
-    name = "project_to_anchor"
-
-    def init_fn(params):
-        params = _unbox(params)
-        values = _per_leaf(radii, params, "radii")
-        names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-        _check_nonnegative(values, names, "radii")
-        return ProjectToAnchorState(anchor=_anchor_tree(params, anchor, values, "anchor"))
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        u_leaves, p_leaves, treedef = _flat_params(updates, params, name)
-        params = jax.tree.unflatten(treedef, p_leaves)
-        values = _per_leaf(radii, params, "radii")
-        anchors = _flat_anchor(state.anchor, len(u_leaves), name)
-        out = []
-        for u, p, a, r in zip(u_leaves, p_leaves, anchors, values, strict=True):
-            if r is None or a is None:
-                out.append(u)
-            else:
-                out.append(_project_leaf(u, p, a, r, norm))
-        return jax.tree.unflatten(treedef, out), state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _anchored_transform(
+        "project_to_anchor",
+        radii,
+        "radii",
+        anchor,
+        ProjectToAnchorState,
+        lambda u, p, a, r: _project_leaf(u, p, a, r, norm),
+    )
 
 
 def anchor_penalty(
@@ -334,30 +346,14 @@ def anchor_penalty(
       Convolutional Networks", ICML 2018 (L2-SP). Ju, Li & Zhang, ICML 2022, section 3 (the
       penalty variant of the robust algorithm).
     """
-    name = "anchor_penalty"
-
-    def init_fn(params):
-        params = _unbox(params)
-        values = _per_leaf(strength, params, "strength")
-        names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-        _check_nonnegative(values, names, "strength")
-        return AnchorPenaltyState(anchor=_anchor_tree(params, anchor, values, "anchor"))
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        u_leaves, p_leaves, treedef = _flat_params(updates, params, name)
-        params = jax.tree.unflatten(treedef, p_leaves)
-        values = _per_leaf(strength, params, "strength")
-        anchors = _flat_anchor(state.anchor, len(u_leaves), name)
-        out = []
-        for u, p, a, s in zip(u_leaves, p_leaves, anchors, values, strict=True):
-            if s is None or a is None:
-                out.append(u)
-            else:
-                out.append((u + jnp.asarray(s, u.dtype) * (p - a).astype(u.dtype)).astype(u.dtype))
-        return jax.tree.unflatten(treedef, out), state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _anchored_transform(
+        "anchor_penalty",
+        strength,
+        "strength",
+        anchor,
+        AnchorPenaltyState,
+        lambda u, p, a, s: (u + jnp.asarray(s, u.dtype) * (p - a).astype(u.dtype)).astype(u.dtype),
+    )
 
 
 def resnet_stage_depth(name: str) -> int | None:
