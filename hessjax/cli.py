@@ -23,13 +23,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["main", "measure_run", "run_finetune"]
+__all__ = ["Run", "load_run", "main", "measure_run", "run_finetune"]
 
-_NOISE_TYPES = ("symmetric", "uniform")
+_NOISE_TYPES = ("symmetric", "uniform", "pair")
 # Radii for MobileNetV2 (D, s, D_head): chosen a priori (not tuned on validation data; the
 # paper does not publish its radii). Override with --radius, --radius-scale, --head-radius.
 _MOBILENET_RADII = (0.5, 1.5, 2.0)
@@ -61,11 +61,18 @@ def _mesh(devices: int | str | None):
 
 
 def _transition(kind: str, rate: float, k: int):
-    from hessjax.noise import symmetric_transition, uniform_replacement_transition
+    from hessjax.noise import (
+        pair_flip_transition,
+        symmetric_transition,
+        uniform_replacement_transition,
+    )
 
+    if kind not in _NOISE_TYPES:
+        raise ValueError(f"noise_type: expected one of {_NOISE_TYPES}, got {kind!r}")
     if rate == 0:
         return None
-    fn = symmetric_transition if kind == "symmetric" else uniform_replacement_transition
+    fn = {"symmetric": symmetric_transition, "uniform": uniform_replacement_transition,
+          "pair": pair_flip_transition}[kind]  # fmt: skip
     return np.asarray(fn(rate, num_classes=k))
 
 
@@ -266,42 +273,42 @@ def _mobilenet_layers(name: str) -> bool:
     return parts[0] == "features" and int(parts[1]) >= 14
 
 
-def measure_run(
-    run_dir: str | Path,
-    *,
-    num_examples: int = 16,
-    num_iters: int = 8,
-    chunk_size: int | None = 1,
-    layers: str | None = None,
-    variant: str = "canonical",
-    checkpoint: str = "final",
-    seed: int = 0,
-    devices: int | str | None = None,
-) -> dict[str, Any]:
-    """The Hessian distance report and the theorem's bound of a ``hessjax finetune`` run.
+class Run(NamedTuple):
+    """A loaded ``hessjax finetune`` run (see :func:`load_run`).
 
-    The loss is the cross-entropy of the model in eval mode on the run's (noisy) training
-    labels; the examples are the first ``num_examples`` training examples of a permutation
-    seeded by ``seed``; ``n`` is the training-set size; the bound is
-    :func:`hessjax.hessian_bound` with C = the largest training loss.
+    Attributes:
+      cfg: the run's config.json.
+      splits: its data (the same noisy training labels).
+      model: the model with the checkpoint's weights, in eval mode.
+      params: the checkpoint's parameters (a pure dict).
+      anchor: the anchor's (pretrained) parameters (a pure dict).
+      example_loss: ``example_loss(params, (x, y))``, the cross-entropy of ONE example with
+        the model in eval mode (the checkpoint's BatchNorm statistics).
+      partition: the measured layers (:func:`hessjax.layer_partition`).
+      layers: a description of the measured layers.
+    """
 
-    Cost: per example ``L * num_iters`` Hessian-vector products (``L`` measured layers).
+    cfg: dict
+    splits: Any
+    model: Any
+    params: Any
+    anchor: Any
+    example_loss: Any
+    partition: Any
+    layers: str
+
+
+def load_run(run_dir: str | Path, *, checkpoint: str = "final", layers: str | None = None) -> Run:
+    """Load a ``hessjax finetune`` run: data, weights, anchor, per-example loss and layers.
 
     Args:
       run_dir: a ``hessjax finetune`` output directory.
-      num_examples: examples the max runs over.
-      num_iters: Lanczos steps.
-      chunk_size: examples vmapped at once.
+      checkpoint: ``"final"``, ``"best"`` or ``"anchor"`` (the pretrained weights).
       layers: a regular expression selecting the measured kernels (path names); default all
         kernels, or for MobileNetV2 ``features.14-18`` and the head (the later blocks).
-      variant: ``"canonical"``, ``"reference"`` or ``"both"``.
-      checkpoint: ``"final"`` or ``"best"``.
-      seed: the example choice.
-      devices: split the examples over this many devices (an int, or ``"all"``) with
-        :func:`hessjax.hessian_distance` ``mesh=``; None: one device. Same numbers.
 
     Returns:
-      A dict with the report(s), the bound, train/test loss and the timing.
+      A :class:`Run`.
 
     Raises:
       ValueError: a missing/corrupt checkpoint, bad options.
@@ -310,18 +317,14 @@ def measure_run(
     import jax.numpy as jnp
     from flax import nnx
 
-    from hessjax.bounds import hessian_bound
-    from hessjax.measures import hessian_distance, report
     from hessjax.partition import layer_partition
     from hessjax.train import cross_entropy, make_model, restore_checkpoint, split_model
 
     run = Path(run_dir)
     if not (run / "config.json").exists():
         raise ValueError(f"run: {run} has no config.json (not a `hessjax finetune` directory)")
-    if variant not in ("canonical", "reference", "both"):
-        raise ValueError(f"variant: expected canonical, reference or both, got {variant!r}")
-    if checkpoint not in ("final", "best"):
-        raise ValueError(f"checkpoint: expected 'final' or 'best', got {checkpoint!r}")
+    if checkpoint not in ("final", "best", "anchor"):
+        raise ValueError(f"checkpoint: expected 'final', 'best' or 'anchor', got {checkpoint!r}")
     cfg = json.loads((run / "config.json").read_text())
     splits, _ = _splits(cfg)
     k = splits.num_classes
@@ -330,6 +333,8 @@ def measure_run(
     saved_anchor = _load_tree(run / "anchor", anchor)
     if checkpoint == "final":
         state = _load_tree(run / "final", anchor)
+    elif checkpoint == "anchor":
+        state = saved_anchor
     else:
         import orbax.checkpoint as ocp
 
@@ -360,6 +365,68 @@ def measure_run(
         select, layer_desc = layers, f"kernels matching {layers!r}"
     sel = select if callable(select) else (lambda n, r=re.compile(select): bool(r.search(n)))
     part = layer_partition(params, select=lambda n, leaf: jnp.ndim(leaf) >= 2 and sel(n))
+    return Run(cfg, splits, model, params, saved_anchor["params"], example_loss, part, layer_desc)
+
+
+def measure_run(
+    run_dir: str | Path,
+    *,
+    num_examples: int = 16,
+    num_iters: int = 8,
+    chunk_size: int | None = 1,
+    layers: str | None = None,
+    variant: str = "canonical",
+    checkpoint: str = "final",
+    seed: int = 0,
+    devices: int | str | None = None,
+    trace_probes: int = 0,
+) -> dict[str, Any]:
+    """The Hessian distance report and the theorem's bound of a ``hessjax finetune`` run.
+
+    The loss is the cross-entropy of the model in eval mode on the run's (noisy) training
+    labels; the examples are the first ``num_examples`` training examples of a permutation
+    seeded by ``seed``; ``n`` is the training-set size; the bound is
+    :func:`hessjax.hessian_bound` with C = the largest training loss.
+
+    Cost: per example ``L * num_iters`` Hessian-vector products (``L`` measured layers), plus
+    ``trace_probes * num_iters * L`` for the traces.
+
+    Args:
+      run_dir: a ``hessjax finetune`` output directory.
+      num_examples: examples the max runs over.
+      num_iters: Lanczos steps.
+      chunk_size: examples vmapped at once.
+      layers: a regular expression selecting the measured kernels (path names); default all
+        kernels, or for MobileNetV2 ``features.14-18`` and the head (the later blocks).
+      variant: ``"canonical"``, ``"reference"`` or ``"both"``.
+      checkpoint: ``"final"`` or ``"best"``.
+      seed: the example choice (and the trace probes).
+      devices: split the examples over this many devices (an int, or ``"all"``) with
+        :func:`hessjax.hessian_distance` ``mesh=``; None: one device. Same numbers.
+      trace_probes: if > 0, also the per-layer ``max_x Tr[H_i^+]``
+        (:func:`hessjax.layer_traces` with this many probes, in the report's rows as
+        ``max_trace``) and the Corollary's bound (:func:`hessjax.corollary_bound`) with the
+        radii ``alpha_i = ||W_i - W_i^(s)||_F`` (the distances themselves, the tightest
+        radii the weights satisfy), under ``"corollary"``.
+
+    Returns:
+      A dict with the report(s), the bound, train/test loss and the timing.
+
+    Raises:
+      ValueError: a missing/corrupt checkpoint, bad options.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from hessjax.bounds import corollary_bound, hessian_bound
+    from hessjax.measures import distances, hessian_distance, layer_traces, report
+
+    if variant not in ("canonical", "reference", "both"):
+        raise ValueError(f"variant: expected canonical, reference or both, got {variant!r}")
+    if checkpoint not in ("final", "best"):
+        raise ValueError(f"checkpoint: expected 'final' or 'best', got {checkpoint!r}")
+    r = load_run(run_dir, checkpoint=checkpoint, layers=layers)
+    splits, model, params, part = r.splits, r.model, r.params, r.partition
     n = len(splits.train_labels)
     m = min(num_examples, n)
     idx = np.random.default_rng(seed).permutation(n)[:m]
@@ -369,9 +436,9 @@ def measure_run(
     tr = evaluate(model, splits.train_images, splits.train_labels)
     te = evaluate(model, splits.test_images, splits.test_labels)
     out: dict[str, Any] = {
-        "run": str(run),
+        "run": str(run_dir),
         "checkpoint": checkpoint,
-        "layers": layer_desc,
+        "layers": r.layers,
         "num_layers": part.num_layers,
         "num_examples": m,
         "num_iters": num_iters,
@@ -382,17 +449,33 @@ def measure_run(
         "gap": te["loss"] - tr["loss"],
         "loss_bound_C": tr["max_loss"],
     }
+    c = max(tr["max_loss"], 1e-12)
+    traces = None
+    if trace_probes > 0:
+        t0 = time.perf_counter()
+        traces = layer_traces(r.example_loss, params, examples, jax.random.key(seed),
+                              partition=part, num_probes=trace_probes, num_iters=num_iters,
+                              chunk_size=chunk_size)  # fmt: skip
+        dist = distances(params, r.anchor, partition=part)
+        cb = corollary_bound(tr["loss"], dist, traces.max, n, loss_bound=c)
+        out["corollary"] = {
+            "bound": float(cb.value),
+            "radii": np.asarray(dist).tolist(),
+            "max_traces": np.asarray(traces.max).tolist(),
+            "num_probes": trace_probes,
+            "seconds": time.perf_counter() - t0,
+        }
     variants = ("canonical", "reference") if variant == "both" else (variant,)
     mesh = _mesh(devices)
     out["devices"] = 1 if mesh is None else int(mesh.devices.size)
     for v in variants:
         t0 = time.perf_counter()
-        hd = hessian_distance(example_loss, params, saved_anchor["params"], examples, n=n,
+        hd = hessian_distance(r.example_loss, params, r.anchor, examples, n=n,
                               partition=part, num_iters=num_iters, chunk_size=chunk_size,
                               variant=v, mesh=mesh)  # fmt: skip
-        rep = report(hd)
+        rep = report(hd, traces)
         seconds = time.perf_counter() - t0
-        bound = hessian_bound(tr["loss"], rep.measure, n, loss_bound=max(tr["max_loss"], 1e-12))
+        bound = hessian_bound(tr["loss"], rep.measure, n, loss_bound=c)
         out[v] = {
             "report": rep.to_dict(),
             "table": str(rep),
@@ -627,7 +710,8 @@ def _parser() -> argparse.ArgumentParser:
         "--noise-type",
         default="symmetric",
         choices=_NOISE_TYPES,
-        help="symmetric: flip to another class; uniform: redraw over all classes",
+        help="symmetric: flip to another class; uniform: redraw over all classes; "
+        "pair: flip class i to i+1",
     )
     f.add_argument("--method", default="plain", choices=sorted(METHODS), help="the method")
     f.add_argument(
