@@ -109,8 +109,9 @@ def plots(res: dict, out: Path) -> None:
 
     names = res["pretrained"]["layers"]
     x = np.arange(len(names))
-    for field, fname, ylabel in (("max_trace", "traces.png", "max_x Tr[H_i^+]"),
-                                 ("top_eigenvalues", "eigenvalues.png", "top eigenvalue")):  # fmt: skip
+    kinds = (("max_trace", "traces.png", "max_x Tr[H_i^+]"),
+             ("top_eigenvalues", "eigenvalues.png", "top eigenvalue"))  # fmt: skip
+    for field, fname, ylabel in kinds:
         fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(names)), 4))
         for j, model in enumerate(("pretrained", "finetuned")):
             vals = np.asarray(res[model][field], dtype=float)
@@ -162,8 +163,9 @@ def main(argv=None) -> dict:
              "|---|---|---|---|---|"]  # fmt: skip
     pre, ft = res["pretrained"], res["finetuned"]
     for i, name in enumerate(pre["layers"]):
+        top_pre, top_ft = pre["top_eigenvalues"][i][0], ft["top_eigenvalues"][i][0]
         lines.append(f"| {name} | {pre['max_trace'][i]:.4g} | {ft['max_trace'][i]:.4g} | "
-                     f"{pre['top_eigenvalues'][i][0]:.4g} | {ft['top_eigenvalues'][i][0]:.4g} |")  # fmt: skip
+                     f"{top_pre:.4g} | {top_ft:.4g} |")  # fmt: skip
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "metrics.json").write_text(json.dumps(res, indent=2))
     plots(res, out)

@@ -1,0 +1,80 @@
+"""Smoke tests of the experiment scripts: each --smoke preset in-process, into tmp_path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_exp_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _common(out: Path) -> dict:
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "smoke" and "command" in config and "commit" in config
+    assert (out / "metrics.json").exists() and (out / "table.md").exists()
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_measure_vs_gap_smoke(tmp_path):
+    mod = _load("measure_vs_gap")
+    mod.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress"])
+    metrics = _common(tmp_path)
+    rows = metrics["rows"]
+    assert len(rows) == len(mod.run_specs(mod.PRESETS["smoke"])) >= 3
+    table = (tmp_path / "table.md").read_text().strip().splitlines()
+    assert len(table) == 2 + len(rows)
+    for r in rows:
+        assert r["measure"] >= 0 and r["measure_ref"] == r["measure_ref"]
+        assert r["bound"] >= r["train_loss"] and r["corollary"] >= r["train_loss"]
+        assert math.isfinite(r["log10_classical"])
+    s = metrics["summary"]
+    for variant in ("canonical", "reference"):
+        for k in ("pearson", "spearman"):
+            v = s[variant][k]
+            assert v is None or -1 - 1e-9 <= v <= 1 + 1e-9
+    assert (tmp_path / "measure_vs_gap.png").exists() and (tmp_path / "radius.png").exists()
+
+
+def test_noisy_labels_smoke(tmp_path):
+    mod = _load("noisy_labels")
+    mod.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress"])
+    metrics = _common(tmp_path)
+    c = mod.PRESETS["smoke"]
+    assert len(metrics["results"]) == len(c["methods"]) * len(c["noises"]) * len(c["seeds"])
+    assert metrics["chosen_radius"]["symmetric0.4"]["robust"] in c["radii"]
+    assert set(metrics["selection"]["symmetric0.4"]["robust"]) == {str(r) for r in c["radii"]}
+    for r in metrics["results"]:
+        assert 0 <= r["test_accuracy"] <= 1 and r["measure"] >= 0
+    assert "robust" in metrics["summary"]["average_gain"]
+    assert (tmp_path / "accuracy.png").exists() and (tmp_path / "measure.png").exists()
+
+
+def test_spectrum_smoke(tmp_path):
+    mod = _load("spectrum")
+    mod.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress"])
+    metrics = _common(tmp_path)
+    for model in ("pretrained", "finetuned"):
+        m = metrics[model]
+        assert len(m["max_trace"]) == len(m["layers"]) == len(m["top_eigenvalues"])
+        assert all(t >= -1e-6 for t in m["max_trace"])
+        assert len(m["density"]) == len(m["density_grid"])
+    for name in ("traces.png", "eigenvalues.png", "density.png"):
+        assert (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("name", ["measure_vs_gap", "noisy_labels", "spectrum"])
+def test_presets_documented(name):
+    mod = _load(name)
+    assert {"smoke", "cpu", "gpu"} <= set(mod.PRESETS)
+    assert "--preset gpu" in mod.__doc__
