@@ -579,9 +579,25 @@ def _demo(args) -> dict[str, Any]:
         "results": {k: {kk: vv for kk, vv in v.items()} for k, v in results.items()},
         "measures": measures,
         "options": vars(args) | {"func": None},
+        "command": " ".join(["hessjax", *sys.argv[1:]]),
+        "commit": _git_commit(),
+        "seed": args.seed,
     }
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _git_commit() -> str | None:
+    """The git commit of the working tree the command runs from, if it is a checkout."""
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _table(rows: list[dict]) -> str:
