@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+import hessjax.cli as hessjax_cli
 
 PRESETS = {
     "smoke": dict(dataset="digits", model="tiny_cnn", image_size=8, sizes=[6], epochs=2,
@@ -59,15 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="data subset, order and example choice")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
-
-
-def git_commit() -> str | None:
-    """The current commit hash (None outside a git checkout)."""
-    try:
-        cmd = ["git", "rev-parse", "HEAD"]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def run_specs(c: dict) -> list[dict]:
@@ -177,7 +169,7 @@ def main(argv=None) -> dict:
     specs = run_specs(c)
     config = dict(preset=args.preset, settings=c, seed=args.seed, runs=specs,
                   command=" ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-                  commit=git_commit())  # fmt: skip
+                  commit=hessjax_cli.git_commit())  # fmt: skip
     (out / "config.json").write_text(json.dumps(config, indent=2))
     t_start = time.perf_counter()
     rows, splits = [], {}

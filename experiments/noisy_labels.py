@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+import hessjax.cli as hessjax_cli
 
 METHODS = ["plain", "plain_es", "l2sp", "label_smoothing", "gce", "sce", "forward", "backward",
            "constraint", "robust", "robust_dualt"]  # fmt: skip
@@ -66,15 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="default experiments/results/...")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
-
-
-def git_commit() -> str | None:
-    """The current commit hash (None outside a git checkout)."""
-    try:
-        cmd = ["git", "rev-parse", "HEAD"]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def finetune(c: dict, out: Path, noise: tuple, method: str, seed: int, radius: float,
@@ -112,7 +104,7 @@ def main(argv=None) -> dict:
     progress = not args.no_progress
     config = dict(preset=args.preset, settings=c, seeds=c["seeds"],
                   command=" ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-                  commit=git_commit())  # fmt: skip
+                  commit=hessjax_cli.git_commit())  # fmt: skip
     (out / "config.json").write_text(json.dumps(config, indent=2, default=list))
     t_start = time.perf_counter()
     chosen, selection, results = {}, {}, []

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+import hessjax.cli as hessjax_cli
 
 PRESETS = {
     "smoke": dict(dataset="digits", model="tiny_cnn", image_size=8, n_per_class=6, epochs=2,
@@ -54,15 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", default=None, help="regex of kernels (default as hessjax measure)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
-
-
-def git_commit() -> str | None:
-    """The current commit hash (None outside a git checkout)."""
-    try:
-        cmd = ["git", "rev-parse", "HEAD"]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def curvature(run_dir: Path, checkpoint: str, c: dict, seed: int, layers: str | None) -> dict:
@@ -145,7 +137,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config = dict(preset=args.preset, settings=c, seed=args.seed, layers=args.layers,
                   command=" ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-                  commit=git_commit())  # fmt: skip
+                  commit=hessjax_cli.git_commit())  # fmt: skip
     (out / "config.json").write_text(json.dumps(config, indent=2))
     run_dir = out / "run"
     cfg = _finetune_defaults() | dict(

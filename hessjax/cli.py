@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Run", "load_run", "main", "measure_run", "run_finetune"]
+__all__ = ["Run", "git_commit", "load_run", "main", "measure_run", "run_finetune"]
 
 _NOISE_TYPES = ("symmetric", "uniform", "pair")
 # Radii for MobileNetV2 (D, s, D_head): chosen a priori (not tuned on validation data; the
@@ -580,14 +580,14 @@ def _demo(args) -> dict[str, Any]:
         "measures": measures,
         "options": vars(args) | {"func": None},
         "command": " ".join(["hessjax", *sys.argv[1:]]),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "seed": args.seed,
     }
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """The git commit of the working tree the command runs from, if it is a checkout."""
     import subprocess
 
