@@ -52,7 +52,7 @@ PRESETS = {
                         examples=8, num_iters=2),
     "cpu_digits": _BASE | dict(dataset="digits", model="tiny_cnn", image_size=8, n_per_class=30,
                                epochs=20, seeds=[0, 1, 2], radii=[0.25, 0.5, 1.0],
-                               val_size=200, test_size=400, lr=3e-3, examples=32),
+                               val_size=200, test_size=360, lr=3e-3, examples=32),
     "gpu": _BASE | dict(dataset="fashion_mnist", model="mobilenet_v2", image_size=96,
                         n_per_class=100, epochs=30, seeds=[0, 1, 2, 3, 4],
                         radii=[0.25, 0.5, 1.0, 2.0], val_size=1000, test_size=5000,
