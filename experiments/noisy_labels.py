@@ -86,7 +86,12 @@ def finetune(c: dict, out: Path, noise: tuple, method: str, seed: int, radius: f
         early_stopping=method == "plain_es" or c.get("early_stopping", False),
         output_dir=str(out / "runs" / f"{kind}{rate}" / f"{method}_D{radius}_s{seed}"),
     )  # fmt: skip
-    res = run_finetune(cfg, progress=progress)
+    try:
+        res = run_finetune(cfg, progress=progress)
+    except ValueError as err:  # e.g. a Dual-T estimate of T that is not invertible
+        if not str(err).startswith("transition:"):
+            raise
+        return {"error": str(err), "output_dir": cfg["output_dir"]}
     res["output_dir"] = cfg["output_dir"]
     return res
 
@@ -107,21 +112,27 @@ def main(argv=None) -> dict:
                   commit=hessjax_cli.git_commit())  # fmt: skip
     (out / "config.json").write_text(json.dumps(config, indent=2, default=list))
     t_start = time.perf_counter()
-    chosen, selection, results = {}, {}, []
+    chosen, selection, results, failures = {}, {}, [], []
     for noise in c["noises"]:
         key = f"{noise[0]}{noise[1]}"
         chosen[key], selection[key] = {}, {}
         for method in c["methods"]:
             radius = c["radii"][-1]
             if method in CONSTRAINED:  # choose D on clean validation accuracy, first seed
-                val = {r: finetune(c, out, noise, method, c["seeds"][0], r, progress)
-                       ["val_accuracy"] for r in c["radii"]}  # fmt: skip
-                radius = max(val, key=val.get)
+                runs = {r: finetune(c, out, noise, method, c["seeds"][0], r, progress)
+                        for r in c["radii"]}  # fmt: skip
+                val = {r: res.get("val_accuracy", float("nan")) for r, res in runs.items()}
+                ok = {r: v for r, v in val.items() if v == v}
+                radius = max(ok, key=ok.get) if ok else c["radii"][-1]
                 selection[key][method] = {str(r): v for r, v in val.items()}
                 chosen[key][method] = radius
             for seed in c["seeds"]:
                 print(f"== {key} {method} seed {seed}", flush=True)
                 res = finetune(c, out, noise, method, seed, radius, progress)
+                if "error" in res:  # reported, not silently dropped
+                    failures.append(dict(noise=key, method=method, seed=seed, radius=radius,
+                                         error=res["error"]))  # fmt: skip
+                    continue
                 cache = Path(res["output_dir"]) / "measure.json"
                 if cache.exists():
                     m = json.loads(cache.read_text())
@@ -139,7 +150,7 @@ def main(argv=None) -> dict:
     text = table(rows)
     (out / "table.md").write_text(text + "\n")
     metrics = dict(results=results, rows=rows, chosen_radius=chosen, selection=selection,
-                   summary=summary)  # fmt: skip
+                   summary=summary, failures=failures)  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plots(rows, c, out)
     print(text)
@@ -154,6 +165,8 @@ def summarize(results: list[dict], c: dict) -> dict:
         stats = {}
         for method in c["methods"]:
             sel = [r for r in results if r["noise"] == noise and r["method"] == method]
+            if not sel:  # every seed failed (listed under "failures" in metrics.json)
+                continue
             acc = np.array([r["test_accuracy"] for r in sel])
             mea = np.array([r["measure"] for r in sel])
             stats[method] = dict(noise=noise, method=method, acc_mean=float(acc.mean()),
@@ -170,8 +183,8 @@ def summarize(results: list[dict], c: dict) -> dict:
                 m: {o: stats[o]["measure_mean"] / max(stats[m]["measure_mean"], 1e-30)
                     for o in others} for m in ours
             }  # fmt: skip
-    ours = [m for m in ("robust", "robust_dualt") if gains and m in next(iter(gains.values()))]
-    avg = {m: float(np.mean([g[m] for g in gains.values()])) for m in ours}
+    ours = [m for m in ("robust", "robust_dualt") if any(m in g for g in gains.values())]
+    avg = {m: float(np.mean([g[m] for g in gains.values() if m in g])) for m in ours}
     return dict(rows=rows, gain_over_best_other=gains, average_gain=avg,
                 paper_average_gain=0.0326, measure_ratio_other_over_ours=reductions)  # fmt: skip
 
