@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -361,16 +360,9 @@ def eigen_counts(dim: int, *, seeds: int, power: float, k: int = 5, rel_tol: flo
 # --------------------------------------------------------------------------- main
 def metadata(argv: list[str]) -> dict:
     """Versions, device, CPU count, commit hash and command line of this run."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    from hessjax.cli import git_commit
+
+    commit = git_commit()
     return {
         "jax_version": jax.__version__,
         "hessjax_version": hessjax.__version__,

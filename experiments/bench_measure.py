@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import hessjax
+from hessjax.cli import git_commit
 
 
 def small_cnn(key: jax.Array, num_classes: int = 10):
@@ -109,13 +109,6 @@ def _time(fn, repeats: int) -> tuple[float, float, object]:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return first, float(np.median(times)), value
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -197,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": f"hessian_distance on {args.model}",
         "image_size": args.image_size,
         "command": " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:])),
-        "commit": _commit(),
+        "commit": git_commit(),
         "seed": args.seed,
         "jax": jax.__version__,
         "backend": jax.default_backend(),

@@ -208,9 +208,9 @@ def main() -> None:
         )
     import jax
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
-    ).stdout.strip()
+    from hessjax.cli import git_commit
+
+    commit = git_commit()
     report = {
         "command": " ".join([os.path.relpath(sys.executable, ROOT), *sys.argv]),
         "commit": commit,

@@ -22,7 +22,6 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 
@@ -32,6 +31,7 @@ import numpy as np
 import optax
 
 import hessjax
+from hessjax.cli import git_commit
 
 SIZES = (1024, 1536, 1024, 10)
 
@@ -156,9 +156,7 @@ def main():
     result = {
         "model": model_name,
         "command": " ".join(["python", *sys.argv]),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip(),
+        "commit": git_commit(),
         "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
         "num_params": int(num_params),
         "batch": args.batch,
