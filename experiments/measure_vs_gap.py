@@ -37,18 +37,18 @@ PRESETS = {
     "smoke": dict(dataset="digits", model="tiny_cnn", image_size=8, sizes=[6], epochs=2,
                   extra_epochs=[], radii=[0.05, 0.5], methods=["plain"], val_size=30,
                   test_size=60, batch_size=8, lr=1e-2, head_radius=1.0, examples=4,
-                  num_iters=3, trace_probes=1, margin=1.0),
-    "cpu": dict(dataset="fashion_mnist", model="mobilenet_v2", image_size=32, sizes=[30, 60],
-                epochs=5, extra_epochs=[2, 10], radii=[0.25, 0.5, 0.75, 1.0],
+                  num_iters=3, trace_probes=1, margin=1.0, train_from=0),
+    "cpu": dict(dataset="fashion_mnist", model="mobilenet_v2", image_size=32, train_from=14,
+                sizes=[30, 60], epochs=10, extra_epochs=[3, 30], radii=[0.25, 0.5, 0.75, 1.0],
                 methods=["plain", "plain_es", "l2sp", "label_smoothing"], val_size=300,
-                test_size=1000, batch_size=32, lr=1e-4, head_radius=2.0, examples=32,
-                num_iters=4, trace_probes=2, margin=1.0),
+                test_size=1000, batch_size=32, lr=1e-3, head_radius=2.0, examples=64,
+                num_iters=8, trace_probes=2, margin=1.0),
     "gpu": dict(dataset="fashion_mnist", model="mobilenet_v2", image_size=96,
                 sizes=[50, 100, 200], epochs=30, extra_epochs=[5, 60],
                 radii=[0.25, 0.5, 0.75, 1.0, 1.5, 2.0],
                 methods=["plain", "plain_es", "l2sp", "label_smoothing"], val_size=1000,
                 test_size=5000, batch_size=32, lr=1e-4, head_radius=2.0, examples=256,
-                num_iters=16, trace_probes=8, margin=1.0),
+                num_iters=16, trace_probes=8, margin=1.0, train_from=0),
 }  # fmt: skip
 
 
@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("experiments/results/measure_vs_gap"))
     p.add_argument("--seed", type=int, default=0, help="data subset, order and example choice")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--compilation-cache", default="runs/.xla_cache",
+                   help="XLA's persistent compilation cache ('' for none)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -163,6 +165,8 @@ def main(argv=None) -> dict:
     from hessjax.data import load_splits
 
     args = parse_args(argv)
+    if args.compilation_cache:
+        hessjax_cli.use_compilation_cache(args.compilation_cache)
     c = PRESETS[args.preset]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +184,7 @@ def main(argv=None) -> dict:
             noise_rate=0.0, epochs=spec["epochs"], lr=c["lr"], batch_size=c["batch_size"],
             seed=args.seed, method=spec["method"], radius=spec["radius"] or 1.0,
             radius_scale=1.0, head_radius=c["head_radius"], lr_decay_every=None,
-            early_stopping=spec["method"] == "plain_es",
+            early_stopping=spec["method"] == "plain_es", train_from=c["train_from"],
             output_dir=str(out / "runs" / spec["name"]),
         )  # fmt: skip
         if spec["n"] not in splits:

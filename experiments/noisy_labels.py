@@ -41,18 +41,21 @@ CONSTRAINED = ("constraint", "robust", "robust_dualt")
 NOISES = [("symmetric", 0.2), ("symmetric", 0.4), ("symmetric", 0.6), ("symmetric", 0.8),
           ("pair", 0.4)]  # fmt: skip
 _BASE = dict(methods=METHODS, noises=NOISES, val_size=300, test_size=1000, batch_size=32,
-             lr=1e-4, radius_scale=1.5, head_radius=2.0, num_iters=4)  # fmt: skip
+             lr=1e-4, radius_scale=1.5, head_radius=2.0, num_iters=4, train_from=0)  # fmt: skip
 PRESETS = {
     "smoke": _BASE | dict(dataset="digits", model="tiny_cnn", image_size=8, n_per_class=6,
                           epochs=2, seeds=[0], methods=["plain", "robust"],
                           noises=[("symmetric", 0.4)], radii=[0.1, 1.0], val_size=30,
                           test_size=60, batch_size=8, lr=1e-2, examples=4, num_iters=3),
     "cpu": _BASE | dict(dataset="fashion_mnist", model="mobilenet_v2", image_size=32,
-                        n_per_class=20, epochs=3, seeds=[0, 1, 2], radii=[0.5, 1.0],
-                        examples=8, num_iters=2),
-    "cpu_digits": _BASE | dict(dataset="digits", model="tiny_cnn", image_size=8, n_per_class=30,
-                               epochs=20, seeds=[0, 1, 2], radii=[0.25, 0.5, 1.0],
-                               val_size=200, test_size=360, lr=3e-3, examples=32),
+                        train_from=14, n_per_class=30, epochs=10, seeds=[0, 1, 2],
+                        radii=[0.5, 1.0], lr=1e-3, val_size=200, test_size=500, examples=8,
+                        num_iters=4),
+    "cpu_digits": _BASE | dict(dataset="digits", model="mobilenet_v2", image_size=32,
+                               train_from=14, n_per_class=30, epochs=10, seeds=[0, 1, 2],
+                               radii=[0.5, 1.0], lr=1e-3, val_size=200, test_size=360,
+                               examples=8, num_iters=4,
+                               noises=[("symmetric", 0.4), ("symmetric", 0.8), ("pair", 0.4)]),
     "gpu": _BASE | dict(dataset="fashion_mnist", model="mobilenet_v2", image_size=96,
                         n_per_class=100, epochs=30, seeds=[0, 1, 2, 3, 4],
                         radii=[0.25, 0.5, 1.0, 2.0], val_size=1000, test_size=5000,
@@ -66,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     p.add_argument("--out", type=Path, default=None, help="default experiments/results/...")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--compilation-cache", default="runs/.xla_cache",
+                   help="XLA's persistent compilation cache ('' for none)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -84,6 +89,7 @@ def finetune(c: dict, out: Path, noise: tuple, method: str, seed: int, radius: f
         method="robust" if method == "robust_dualt" else method,
         transition="dual_t" if method == "robust_dualt" else "true",
         early_stopping=method == "plain_es" or c.get("early_stopping", False),
+        train_from=c["train_from"],
         output_dir=str(out / "runs" / f"{kind}{rate}" / f"{method}_D{radius}_s{seed}"),
     )  # fmt: skip
     try:
@@ -101,6 +107,8 @@ def main(argv=None) -> dict:
     from hessjax.cli import measure_run
 
     args = parse_args(argv)
+    if args.compilation_cache:
+        hessjax_cli.use_compilation_cache(args.compilation_cache)
     c = PRESETS[args.preset]
     out = args.out or Path("experiments/results") / (
         "noisy_labels_digits" if args.preset == "cpu_digits" else "noisy_labels"

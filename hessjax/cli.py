@@ -27,7 +27,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Run", "git_commit", "load_run", "main", "measure_run", "run_finetune"]
+__all__ = [
+    "Run",
+    "git_commit",
+    "load_run",
+    "main",
+    "measure_run",
+    "run_finetune",
+    "use_compilation_cache",
+]
 
 _NOISE_TYPES = ("symmetric", "uniform", "pair")
 # Radii for MobileNetV2 (D, s, D_head): chosen a priori (not tuned on validation data; the
@@ -76,8 +84,70 @@ def _transition(kind: str, rate: float, k: int):
     return np.asarray(fn(rate, num_classes=k))
 
 
-def _splits(cfg: dict):
+# Frozen-trunk outputs already computed in this process, by (first block, image bytes).
+_TRUNK_CACHE: dict[tuple[int, str], np.ndarray] = {}
 
+
+def _trunk(images: np.ndarray, first_block: int) -> np.ndarray:
+    """``mobilenet_v2_trunk(images, first_block)``, memoised on the images' bytes."""
+    import hashlib
+
+    from hessjax.models import mobilenet_v2_trunk
+
+    key = (first_block, hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest())
+    if key not in _TRUNK_CACHE:
+        if len(_TRUNK_CACHE) >= 32:
+            _TRUNK_CACHE.pop(next(iter(_TRUNK_CACHE)))
+        _TRUNK_CACHE[key] = mobilenet_v2_trunk(images, first_block)
+    return _TRUNK_CACHE[key]
+
+
+def _first_block(cfg: dict) -> int:
+    fb = cfg.get("train_from", 0) or 0
+    if fb and cfg["model"] != "mobilenet_v2":
+        raise ValueError(
+            f"train_from: only mobilenet_v2 can be split, got {fb} with {cfg['model']!r}"
+        )
+    if not 0 <= fb <= 18:
+        raise ValueError(f"train_from: expected a block index in [0, 18], got {fb}")
+    return fb
+
+
+def _with_trunk(splits, first_block: int):
+    """The splits with every image replaced by the frozen trunk's output (``--train-from``)."""
+    if not first_block:
+        return splits
+    parts = (splits.train_images, splits.val_images, splits.test_images)
+    feats = _trunk(np.concatenate(parts), first_block)  # one pass, one compiled shape
+    ends = np.cumsum([len(p) for p in parts])
+    train, val, test = np.split(feats, ends[:-1])
+    return splits._replace(train_images=train, val_images=val, test_images=test)
+
+
+def _make_model(cfg: dict, splits):
+    from hessjax.train import make_model
+
+    return make_model(cfg["model"], splits.num_classes, seed=cfg["seed"],
+                      in_channels=splits.train_images.shape[-1],
+                      first_block=_first_block(cfg))  # fmt: skip
+
+
+_SPLITS_CACHE: dict[str, tuple[Any, Any]] = {}
+_SPLIT_KEYS = ("dataset", "seed", "val_size", "n_per_class", "test_size", "image_size", "model",
+               "noise_type", "noise_rate", "data_dir")  # fmt: skip
+
+
+def _splits(cfg: dict):
+    """The run's data (noisy training labels, raw images) and the true T (memoised)."""
+    key = json.dumps([cfg[k] for k in _SPLIT_KEYS], default=str)
+    if key not in _SPLITS_CACHE:
+        if len(_SPLITS_CACHE) >= 8:
+            _SPLITS_CACHE.pop(next(iter(_SPLITS_CACHE)))
+        _SPLITS_CACHE[key] = _load_splits(cfg)
+    return _SPLITS_CACHE[key]
+
+
+def _load_splits(cfg: dict):
     from hessjax.data import load_splits
 
     if not 0 <= cfg["noise_rate"] <= 1:
@@ -184,7 +254,7 @@ def run_finetune(cfg: dict, *, progress: bool = True, splits=None) -> dict[str, 
 
     from hessjax.bounds import generalization_gap
     from hessjax.noise import dual_t_transition, symmetric_transition
-    from hessjax.train import TrainConfig, build_method, evaluate, fit, make_model, split_model
+    from hessjax.train import TrainConfig, build_method, evaluate, fit, split_model
 
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +262,7 @@ def run_finetune(cfg: dict, *, progress: bool = True, splits=None) -> dict[str, 
         splits, true_t = _splits(cfg)
     else:
         true_t = _transition(cfg["noise_type"], cfg["noise_rate"], splits.num_classes)
+    raw, splits = splits, _with_trunk(splits, _first_block(cfg))
     k = splits.num_classes
     tcfg = TrainConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(TrainConfig)
                           if f.name in cfg})  # fmt: skip
@@ -208,16 +279,15 @@ def run_finetune(cfg: dict, *, progress: bool = True, splits=None) -> dict[str, 
             transition = np.asarray(symmetric_transition(rate, num_classes=k))
         else:  # dual_t: plain fine-tuning first, then estimate T from its predictions
             pcfg = dict(cfg, method="plain", output_dir=str(out / "dual_t_plain"))
-            plain = run_finetune(pcfg, progress=progress, splits=splits)
-            model = make_model(cfg["model"], k, seed=cfg["seed"],
-                               in_channels=splits.train_images.shape[-1])  # fmt: skip
+            plain = run_finetune(pcfg, progress=progress, splits=raw)
+            model = _make_model(cfg, splits)
             _load_into(model, _load_tree(out / "dual_t_plain" / "final", _pure_state(model)))
             probs = _predict_probs(model, splits.train_images)
             transition = np.asarray(dual_t_transition(jnp.asarray(probs), splits.train_labels))
             del plain
         (out / "transition.json").write_text(json.dumps(np.asarray(transition).tolist()))
 
-    model = make_model(cfg["model"], k, seed=cfg["seed"], in_channels=splits.train_images.shape[-1])
+    model = _make_model(cfg, splits)
     anchor = _pure_state(model)
     if not (out / "anchor").exists():
         _save_tree(out / "anchor", anchor)
@@ -234,6 +304,7 @@ def run_finetune(cfg: dict, *, progress: bool = True, splits=None) -> dict[str, 
     )
     fingerprint = {key: cfg[key] for key in ("dataset", "model", "n_per_class", "noise_rate",
                                              "noise_type", "image_size", "transition")}  # fmt: skip
+    fingerprint["train_from"] = _first_block(cfg)
     t0 = time.perf_counter()
     result = fit(model, method.loss, method.tx, train, val, config=tcfg, workdir=out,
                  resume=cfg["resume"], fingerprint=fingerprint, progress=progress,
@@ -318,7 +389,7 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "final", layers: str | No
     from flax import nnx
 
     from hessjax.partition import layer_partition
-    from hessjax.train import cross_entropy, make_model, restore_checkpoint, split_model
+    from hessjax.train import cross_entropy, restore_checkpoint, split_model
 
     run = Path(run_dir)
     if not (run / "config.json").exists():
@@ -326,9 +397,8 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "final", layers: str | No
     if checkpoint not in ("final", "best", "anchor"):
         raise ValueError(f"checkpoint: expected 'final', 'best' or 'anchor', got {checkpoint!r}")
     cfg = json.loads((run / "config.json").read_text())
-    splits, _ = _splits(cfg)
-    k = splits.num_classes
-    model = make_model(cfg["model"], k, seed=cfg["seed"], in_channels=splits.train_images.shape[-1])
+    splits = _with_trunk(_splits(cfg)[0], _first_block(cfg))
+    model = _make_model(cfg, splits)
     anchor = _pure_state(model)
     saved_anchor = _load_tree(run / "anchor", anchor)
     if checkpoint == "final":
@@ -354,13 +424,12 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "final", layers: str | No
         return cross_entropy(logits, ex[1][None])[0]
 
     params = state["params"]
+    later = cfg["model"] == "mobilenet_v2" and not _first_block(cfg)
     if layers is None:
-        select = _mobilenet_layers if cfg["model"] == "mobilenet_v2" else "kernel"
-        layer_desc = (
-            "features.14-18 and the head (later blocks only)"
-            if cfg["model"] == "mobilenet_v2"
-            else "all kernels"
-        )
+        select = _mobilenet_layers if later else "kernel"
+        layer_desc = "features.14-18 and the head (later blocks only)" if later else "all kernels"
+        if _first_block(cfg):
+            layer_desc = f"all fine-tuned kernels (features.{_first_block(cfg)}-18 and the head)"
     else:
         select, layer_desc = layers, f"kernels matching {layers!r}"
     sel = select if callable(select) else (lambda n, r=re.compile(select): bool(r.search(n)))
@@ -600,6 +669,26 @@ def git_commit() -> str | None:
         return None
 
 
+def use_compilation_cache(directory: str | Path) -> None:
+    """Keep XLA's compiled programs in ``directory`` (JAX's persistent compilation cache).
+
+    Experiments fine-tune many models of the same shapes; with the cache, a training step
+    or evaluation compiled once (in this process or an earlier one) is read back instead of
+    compiled again. Programs whose constants differ (another transition matrix, other
+    BatchNorm statistics closed over by a loss) still compile. This sets global JAX options,
+    so it belongs in scripts and the command line, never in library code.
+
+    Args:
+      directory: the cache folder (created if needed).
+    """
+    import jax
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(Path(directory).absolute()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _table(rows: list[dict]) -> str:
     cols = [("method", "{:<8}"), ("test_accuracy", "{:>9.4f}"), ("train_loss", "{:>10.4f}"),
             ("test_loss", "{:>9.4f}"), ("gap", "{:>8.4f}"), ("measure", "{:>9.4g}"),
@@ -641,6 +730,14 @@ def _add_data_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None
         default="mobilenet_v2",
         choices=("mobilenet_v2", "tiny_cnn"),
         help="mobilenet_v2 (ImageNet weights, new zero head) or tiny_cnn (tests)",
+    )
+    p.add_argument(
+        "--train-from",
+        type=int,
+        default=0,
+        help="mobilenet_v2: fine-tune features.N-18 and the head only; blocks 0..N-1 stay at "
+        "their pretrained weights (eval mode) and their outputs are computed once per image "
+        "(0: fine-tune everything)",
     )
     p.add_argument(
         "--n-per-class",

@@ -5,6 +5,8 @@ Public API (also at ``hessjax.<name>``):
 * :class:`MobileNetV2`, :class:`ResNet` (+ :func:`resnet18`, :func:`resnet50`): NHWC models in
   eval mode whose graph paths are torchvision's state-dict keys, with a zero-initialised head;
 * :func:`pretrained_mobilenet_v2`, :func:`pretrained_resnet`: the same with imported weights;
+* :func:`mobilenet_v2_trunk`: the frozen pretrained blocks' outputs, for partial fine-tuning
+  (``pretrained_mobilenet_v2(first_block=k)`` is the rest of the network);
 * :func:`load_state_dict` / :func:`save_state_dict`: ``.pth`` (legacy and zip ``torch.save``,
   through a restricted unpickler) and ``.safetensors`` files <-> ``{name: numpy array}``;
 * :func:`load_torch_weights` / :func:`to_torch_state_dict`: state dict <-> model.
@@ -12,13 +14,14 @@ Public API (also at ``hessjax.<name>``):
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hessjax.models.mobilenet import InvertedResidual, MobileNetV2
+from hessjax.models.mobilenet import Frozen, InvertedResidual, MobileNetV2
 from hessjax.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from hessjax.models.weights import (
     load_state_dict,
@@ -31,11 +34,13 @@ from hessjax.models.weights import (
 __all__ = [
     "BasicBlock",
     "Bottleneck",
+    "Frozen",
     "InvertedResidual",
     "MobileNetV2",
     "ResNet",
     "load_state_dict",
     "load_torch_weights",
+    "mobilenet_v2_trunk",
     "mobilenet_v2_weights_path",
     "pretrained_mobilenet_v2",
     "pretrained_resnet",
@@ -64,13 +69,16 @@ def _load_into_abstract(build, state_dict, skip: tuple[str, ...]):
 def pretrained_mobilenet_v2(
     num_classes: int | None = None,
     *,
+    first_block: int = 0,
     path: str | os.PathLike | None = None,
     dropout_rate: float = 0.2,
 ) -> MobileNetV2:
     """torchvision's ImageNet MobileNetV2, with a new zero head of ``num_classes`` outputs.
 
     Nothing random survives construction (every weight but the zero head is overwritten),
-    so no key is needed.
+    so no key is needed. With ``first_block=k`` the model holds blocks ``k ..`` only (see
+    :class:`MobileNetV2`) and takes :func:`mobilenet_v2_trunk`'s output as input: the two
+    together compute the same logits as the whole network.
 
     Cost: reading a 14 MB file and building the model, about a second.
 
@@ -78,6 +86,7 @@ def pretrained_mobilenet_v2(
         num_classes: None keeps the 1000-class ImageNet classifier; an integer replaces it
             by a zero-initialised ``Linear(1280, num_classes)`` (kernel and bias 0), so the
             fine-tuning anchor of the head is zero, as in the paper.
+        first_block: the first block the model holds (0: all of them).
         path: the weights file; default :func:`mobilenet_v2_weights_path`.
         dropout_rate: dropout before the head in train mode.
 
@@ -93,10 +102,93 @@ def pretrained_mobilenet_v2(
         Ju, Li & Zhang, ICML 2022, section 5 (fine-tuning from a pretrained anchor).
     """
     state_dict = load_state_dict(mobilenet_v2_weights_path() if path is None else path)
-    build = lambda n: MobileNetV2(n, dropout_rate=dropout_rate, rngs=nnx.Rngs(0))
+    build = lambda n: MobileNetV2(
+        n, first_block=first_block, dropout_rate=dropout_rate, rngs=nnx.Rngs(0)
+    )
+    frozen = tuple(f"features.{i}." for i in range(first_block))
     if num_classes is None:
-        return _load_into_abstract(lambda: build(1000), state_dict, ())
-    return _load_into_abstract(lambda: build(num_classes), state_dict, ("classifier.1.",))
+        return _load_into_abstract(lambda: build(1000), state_dict, frozen)
+    return _load_into_abstract(lambda: build(num_classes), state_dict, ("classifier.1.", *frozen))
+
+
+def mobilenet_v2_trunk(
+    images,
+    first_block: int,
+    *,
+    batch_size: int = 256,
+    path: str | os.PathLike | None = None,
+):
+    """Outputs of the pretrained MobileNetV2's blocks ``0 .. first_block - 1`` (eval mode).
+
+    The frozen part of a partially fine-tuned network, computed once per image:
+    ``pretrained_mobilenet_v2(k, first_block=b)(mobilenet_v2_trunk(x, b))`` equals
+    ``pretrained_mobilenet_v2(k)(x)``. Fine-tuning then trains, and the Hessian measures
+    then see, blocks ``first_block ..`` and the head only; the frozen blocks' displacement
+    from the anchor is zero, so they add nothing to the distance measure.
+
+    Cost: one forward pass of the frozen blocks per image (jitted, ``batch_size`` images
+    at a time; the last batch is padded so that one shape is compiled).
+
+    Args:
+        images: ``(N, H, W, 3)`` ImageNet-normalised images (NHWC), e.g. from
+            :func:`hessjax.load_splits` with ``imagenet=True``.
+        first_block: the first trained block, 1 to 18 (0 returns ``images`` unchanged).
+        batch_size: images per forward pass.
+        path: the weights file; default :func:`mobilenet_v2_weights_path`.
+
+    Returns:
+        A float32 numpy array ``(N, h, w, c)``: block ``first_block - 1``'s output.
+
+    Raises:
+        ValueError: ``first_block`` outside [0, 18] or images that are not ``(N, H, W, 3)``.
+
+    Example:
+        >>> x = jnp.zeros((2, 32, 32, 3))
+        >>> mobilenet_v2_trunk(x, 14).shape
+        (2, 2, 2, 96)
+        >>> top, whole = pretrained_mobilenet_v2(10, first_block=14), pretrained_mobilenet_v2(10)
+        >>> bool(jnp.allclose(top(mobilenet_v2_trunk(x, 14)), whole(x)))
+        True
+
+    References:
+        Ju, Li & Zhang, ICML 2022 (the measure sums over the fine-tuned layers).
+    """
+    import numpy as np
+
+    if isinstance(first_block, bool) or not isinstance(first_block, int):
+        raise ValueError(f"first_block: expected an int in [0, 18], got {first_block!r}")
+    if not 0 <= first_block < MobileNetV2.num_blocks:
+        raise ValueError(f"first_block: expected an int in [0, 18], got {first_block}")
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images: expected (N, H, W, 3) NHWC, got shape {images.shape}")
+    if first_block == 0 or len(images) == 0:
+        return images
+    forward, state = _trunk_forward(first_block, None if path is None else os.fspath(path))
+    size = min(batch_size, len(images))  # one compiled shape: the last batch is padded
+    out = []
+    for i in range(0, len(images), size):
+        chunk = images[i : i + size]
+        padded = np.concatenate(
+            [chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)]
+        )
+        out.append(np.asarray(forward(state, padded))[: len(chunk)])
+    return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _trunk_forward(first_block: int, path: str | None):
+    """The jitted forward pass of the first blocks and their weights (built once per process)."""
+    whole = pretrained_mobilenet_v2(None, path=path)
+    graphdef, state = nnx.split(nnx.List([whole.features[i] for i in range(first_block)]))
+
+    @jax.jit
+    def forward(state, x):
+        for block in nnx.merge(graphdef, state):
+            x = block(x)
+        return x
+
+    return forward, state
 
 
 def pretrained_resnet(

@@ -73,6 +73,18 @@ class InvertedResidual(nnx.Module):
         return x + y if self.use_res_connect else y
 
 
+class Frozen(nnx.Module):
+    """A parameter-free stand-in for a block computed outside the model (identity).
+
+    ``MobileNetV2(first_block=k)`` puts one in each of ``features.0 .. features.k-1``, so the
+    remaining blocks keep torchvision's indices (and names) while the model takes the frozen
+    trunk's output as its input.
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x
+
+
 class MobileNetV2(nnx.Module):
     """MobileNetV2 (Sandler et al., 2018), a layer-for-layer copy of ``torchvision``'s.
 
@@ -88,10 +100,21 @@ class MobileNetV2(nnx.Module):
     Convolutions get torchvision's Kaiming (fan-out) initialisation, BatchNorm scale 1 and
     bias 0, and the head ``classifier.1`` is ZERO (kernel and bias), the paper's new head.
 
-    Cost: about 300 MFLOPs per 224x224 image, 3.5M parameters (2.2M without the head).
+    Partial fine-tuning: with ``first_block=k`` the blocks ``features.0 .. features.k-1``
+    are :class:`Frozen` placeholders without parameters and the model maps the output of
+    block ``k - 1`` (computed once per image by :func:`hessjax.models.mobilenet_v2_trunk`,
+    the pretrained trunk in eval mode) to logits. Names of the remaining layers are
+    unchanged, so radii, partitions and weight import work as for the whole network, and
+    every parameter of the model is a fine-tuned one.
+
+    Cost: about 300 MFLOPs per 224x224 image, 3.5M parameters (2.2M without the head);
+    ``first_block=14``: 1.7M parameters (with a 10-class head) and, at 96x96, about 9% of the
+    FLOPs of the whole network.
 
     Args:
         num_classes: size of the output layer.
+        first_block: index of the first block in the model (0: the whole network; 1 to 18:
+            the input is the trunk's output before that block).
         dropout_rate: dropout before the head in train mode (torchvision: 0.2).
         rngs: initialisation randomness.
 
@@ -99,6 +122,9 @@ class MobileNetV2(nnx.Module):
         >>> import jax.numpy as jnp
         >>> model = MobileNetV2(10, rngs=nnx.Rngs(0))
         >>> model(jnp.zeros((2, 32, 32, 3))).shape
+        (2, 10)
+        >>> top = MobileNetV2(10, first_block=14, rngs=nnx.Rngs(0))  # input: block 13's output
+        >>> top(jnp.zeros((2, 2, 2, 96))).shape
         (2, 10)
 
     References:
@@ -109,15 +135,39 @@ class MobileNetV2(nnx.Module):
     head_path = ("classifier", 1)
     num_features = 1280
 
-    def __init__(self, num_classes: int = 1000, *, dropout_rate: float = 0.2, rngs: nnx.Rngs):
+    num_blocks = 19
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        *,
+        first_block: int = 0,
+        dropout_rate: float = 0.2,
+        rngs: nnx.Rngs,
+    ):
+        if (
+            isinstance(first_block, bool)
+            or not isinstance(first_block, int)
+            or not 0 <= first_block < self.num_blocks
+        ):
+            raise ValueError(
+                f"first_block: expected an int in [0, {self.num_blocks - 1}], got {first_block!r}"
+            )
         channels = 32
-        features = [conv_bn_relu6(3, channels, 3, stride=2, rngs=rngs)]
+        builders = [lambda: conv_bn_relu6(3, 32, 3, stride=2, rngs=rngs)]
         for t, c, n, s in _INVERTED_RESIDUAL_SETTING:
             for i in range(n):
-                features.append(InvertedResidual(channels, c, s if i == 0 else 1, t, rngs=rngs))
+                builders.append(
+                    lambda c_in=channels, c=c, st=s if i == 0 else 1, t=t: InvertedResidual(
+                        c_in, c, st, t, rngs=rngs
+                    )
+                )
                 channels = c
-        features.append(conv_bn_relu6(channels, self.num_features, 1, rngs=rngs))
-        self.features = Sequential(features)
+        builders.append(lambda c_in=channels: conv_bn_relu6(c_in, self.num_features, 1, rngs=rngs))
+        self.first_block = first_block
+        self.features = Sequential(
+            [Frozen() if i < first_block else build() for i, build in enumerate(builders)]
+        )
         self.classifier = nnx.List(
             [
                 nnx.Dropout(dropout_rate, deterministic=True),

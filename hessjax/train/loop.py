@@ -402,7 +402,8 @@ def fit(
     base_key = jax.random.key(config.seed)
 
     @jax.jit
-    def train_step(params, rest, opt_state, xb, yb, step):
+    def train_step(params, rest, opt_state, xb, yb, step, base_key):
+        # The key is an argument, not a constant: runs with other seeds reuse the compiled step.
         key = jax.random.fold_in(base_key, step)
 
         def objective(p):
@@ -491,7 +492,7 @@ def fit(
         for xb, yb in batches[done:]:
             xb, yb = place_batch(xb, yb)
             params, rest, opt_state, loss, acc = train_step(
-                params, rest, opt_state, xb, yb, jnp.asarray(meta["step"], jnp.uint32)
+                params, rest, opt_state, xb, yb, jnp.asarray(meta["step"], jnp.uint32), base_key
             )
             loss, acc = float(loss), float(acc)
             if not np.isfinite(loss):

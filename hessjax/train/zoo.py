@@ -48,7 +48,9 @@ class TinyCNN(nnx.Module):
         return self.head(jnp.mean(x, axis=(1, 2)))
 
 
-def make_model(name: str, num_classes: int, *, seed: int, in_channels: int = 3) -> nnx.Module:
+def make_model(
+    name: str, num_classes: int, *, seed: int, in_channels: int = 3, first_block: int = 0
+) -> nnx.Module:
     """Build a model by name; its initial parameters are the fine-tuning anchor.
 
     ``mobilenet_v2``: torchvision's ImageNet MobileNetV2 with a zero head
@@ -60,12 +62,14 @@ def make_model(name: str, num_classes: int, *, seed: int, in_channels: int = 3) 
       num_classes: outputs.
       seed: initialisation seed (tiny_cnn; MobileNetV2 has nothing random).
       in_channels: input channels (tiny_cnn).
+      first_block: MobileNetV2 only: the first block the model holds; its input is then
+        :func:`hessjax.models.mobilenet_v2_trunk`'s output (partial fine-tuning).
 
     Returns:
       An ``nnx.Module`` in eval mode.
 
     Raises:
-      ValueError: unknown name.
+      ValueError: unknown name; ``first_block`` with a model other than MobileNetV2.
 
     Example:
       >>> make_model("tiny_cnn", 3, seed=0, in_channels=1)(jnp.zeros((1, 8, 8, 1))).shape
@@ -74,7 +78,11 @@ def make_model(name: str, num_classes: int, *, seed: int, in_channels: int = 3) 
     if name == "mobilenet_v2":
         from hessjax.models import pretrained_mobilenet_v2
 
-        return pretrained_mobilenet_v2(num_classes)
+        return pretrained_mobilenet_v2(num_classes, first_block=first_block)
+    if first_block:
+        raise ValueError(
+            f"first_block: only mobilenet_v2 can be split, got {first_block} for {name!r}"
+        )
     if name == "tiny_cnn":
         return TinyCNN(num_classes, in_channels, rngs=nnx.Rngs(seed))
     raise ValueError(f"name: expected one of {MODELS}, got {name!r}")
