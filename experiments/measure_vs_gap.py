@@ -41,8 +41,8 @@ PRESETS = {
     "cpu": dict(dataset="fashion_mnist", model="mobilenet_v2", image_size=32, train_from=14,
                 sizes=[30, 60], epochs=10, extra_epochs=[3, 30], radii=[0.25, 0.5, 0.75, 1.0],
                 methods=["plain", "plain_es", "l2sp", "label_smoothing"], val_size=300,
-                test_size=1000, batch_size=32, lr=1e-3, head_radius=2.0, examples=64,
-                num_iters=8, trace_probes=2, margin=1.0),
+                test_size=1000, batch_size=32, lr=1e-3, head_radius=2.0, examples=32,
+                num_iters=6, trace_probes=1, margin=1.0),
     "gpu": dict(dataset="fashion_mnist", model="mobilenet_v2", image_size=96,
                 sizes=[50, 100, 200], epochs=30, extra_epochs=[5, 60],
                 radii=[0.25, 0.5, 0.75, 1.0, 1.5, 2.0],
@@ -196,9 +196,16 @@ def main(argv=None) -> dict:
         print(f"== {spec['name']}", flush=True)
         res = run_finetune(cfg, progress=not args.no_progress, splits=splits[spec["n"]])
         cache = Path(cfg["output_dir"]) / "measure.json"
-        if cache.exists():
-            m = json.loads(cache.read_text())
-        else:
+        m = json.loads(cache.read_text()) if cache.exists() else {}
+        if (
+            m.get("num_examples"),
+            m.get("num_iters"),
+            m.get("corollary", {}).get("num_probes"),
+        ) != (
+            min(c["examples"], res["n_train"]),
+            c["num_iters"],
+            c["trace_probes"],
+        ):  # not measured yet, or with other settings
             m = measure_run(cfg["output_dir"], num_examples=c["examples"],
                             num_iters=c["num_iters"], variant="both", seed=args.seed,
                             trace_probes=c["trace_probes"])  # fmt: skip

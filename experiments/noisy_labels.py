@@ -49,12 +49,12 @@ PRESETS = {
                           test_size=60, batch_size=8, lr=1e-2, examples=4, num_iters=3),
     "cpu": _BASE | dict(dataset="fashion_mnist", model="mobilenet_v2", image_size=32,
                         train_from=14, n_per_class=30, epochs=10, seeds=[0, 1, 2],
-                        radii=[0.5, 1.0], lr=1e-3, val_size=200, test_size=500, examples=8,
+                        radii=[0.5, 1.0], lr=1e-3, val_size=200, test_size=500, examples=16,
                         num_iters=4),
     "cpu_digits": _BASE | dict(dataset="digits", model="mobilenet_v2", image_size=32,
                                train_from=14, n_per_class=30, epochs=10, seeds=[0, 1, 2],
                                radii=[0.5, 1.0], lr=1e-3, val_size=200, test_size=360,
-                               examples=8, num_iters=4,
+                               examples=16, num_iters=4,
                                noises=[("symmetric", 0.4), ("symmetric", 0.8), ("pair", 0.4)]),
     "gpu": _BASE | dict(dataset="fashion_mnist", model="mobilenet_v2", image_size=96,
                         n_per_class=100, epochs=30, seeds=[0, 1, 2, 3, 4],
@@ -142,9 +142,11 @@ def main(argv=None) -> dict:
                                          error=res["error"]))  # fmt: skip
                     continue
                 cache = Path(res["output_dir"]) / "measure.json"
-                if cache.exists():
-                    m = json.loads(cache.read_text())
-                else:
+                m = json.loads(cache.read_text()) if cache.exists() else {}
+                if (m.get("num_examples"), m.get("num_iters")) != (
+                    min(c["examples"], res["n_train"]),
+                    c["num_iters"],
+                ):  # not measured yet, or with other settings
                     m = measure_run(res["output_dir"], num_examples=c["examples"],
                                     num_iters=c["num_iters"], seed=seed)  # fmt: skip
                     cache.write_text(json.dumps(m, indent=2))

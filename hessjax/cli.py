@@ -357,6 +357,10 @@ class Run(NamedTuple):
         the model in eval mode (the checkpoint's BatchNorm statistics).
       partition: the measured layers (:func:`hessjax.layer_partition`).
       layers: a description of the measured layers.
+      rest: the checkpoint's other state (BatchNorm statistics), a pure dict.
+      state_loss: ``state_loss({"params": params, "rest": rest}, (x, y))``, the same loss
+        with the statistics as an argument: one object per model structure, so jitted
+        measures (static ``loss_fn``) are compiled once for every run of that model.
     """
 
     cfg: dict
@@ -367,6 +371,37 @@ class Run(NamedTuple):
     example_loss: Any
     partition: Any
     layers: str
+    rest: Any = None
+    state_loss: Any = None
+
+
+# One loss function per model structure (graphdef): measures jitted with a static loss_fn
+# are then traced and compiled once per process for all runs of the same model.
+_STATE_LOSSES: dict[Any, Any] = {}
+
+
+def _state_loss(geval, params_state, rest_state):
+    """``f({"params": p, "rest": r}, (x, y))``: one example's cross-entropy, eval mode."""
+    from flax import nnx
+
+    from hessjax.train import cross_entropy
+
+    if geval not in _STATE_LOSSES:
+        # Only the structure of these templates is used: every value is replaced below.
+        ps_template, rs_template = params_state, rest_state
+
+        def state_loss(state, ex):
+            import jax
+
+            ps = jax.tree.map(lambda a: a, ps_template)
+            rs = jax.tree.map(lambda a: a, rs_template)
+            nnx.replace_by_pure_dict(ps, state["params"])
+            nnx.replace_by_pure_dict(rs, state["rest"])
+            logits = nnx.merge(geval, ps, rs)(ex[0][None])
+            return cross_entropy(logits, ex[1][None])[0]
+
+        _STATE_LOSSES[geval] = state_loss
+    return _STATE_LOSSES[geval]
 
 
 def load_run(run_dir: str | Path, *, checkpoint: str = "final", layers: str | None = None) -> Run:
@@ -384,12 +419,10 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "final", layers: str | No
     Raises:
       ValueError: a missing/corrupt checkpoint, bad options.
     """
-    import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from hessjax.partition import layer_partition
-    from hessjax.train import cross_entropy, restore_checkpoint, split_model
+    from hessjax.train import restore_checkpoint, split_model
 
     run = Path(run_dir)
     if not (run / "config.json").exists():
@@ -414,14 +447,10 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "final", layers: str | No
     _load_into(model, state)
     _, geval, params_state, rest_state = split_model(model)
     rest = state["rest"]
+    state_loss = _state_loss(geval, params_state, rest_state)
 
     def example_loss(p, ex):
-        ps = jax.tree.map(lambda a: a, params_state)
-        rs = jax.tree.map(lambda a: a, rest_state)
-        nnx.replace_by_pure_dict(ps, p)
-        nnx.replace_by_pure_dict(rs, rest)
-        logits = nnx.merge(geval, ps, rs)(ex[0][None])
-        return cross_entropy(logits, ex[1][None])[0]
+        return state_loss({"params": p, "rest": rest}, ex)
 
     params = state["params"]
     later = cfg["model"] == "mobilenet_v2" and not _first_block(cfg)
@@ -434,7 +463,8 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "final", layers: str | No
         select, layer_desc = layers, f"kernels matching {layers!r}"
     sel = select if callable(select) else (lambda n, r=re.compile(select): bool(r.search(n)))
     part = layer_partition(params, select=lambda n, leaf: jnp.ndim(leaf) >= 2 and sel(n))
-    return Run(cfg, splits, model, params, saved_anchor["params"], example_loss, part, layer_desc)
+    return Run(cfg, splits, model, params, saved_anchor["params"], example_loss, part, layer_desc,
+               rest, state_loss)  # fmt: skip
 
 
 def measure_run(
@@ -489,6 +519,7 @@ def measure_run(
 
     from hessjax.bounds import corollary_bound, hessian_bound
     from hessjax.measures import distances, hessian_distance, layer_traces, report
+    from hessjax.partition import layer_partition
 
     if variant not in ("canonical", "reference", "both"):
         raise ValueError(f"variant: expected canonical, reference or both, got {variant!r}")
@@ -519,11 +550,22 @@ def measure_run(
         "loss_bound_C": tr["max_loss"],
     }
     c = max(tr["max_loss"], 1e-12)
+    # The measures run on {"params", "rest"} with the run's stable state_loss (compiled once
+    # per model structure); the partition selects the same kernels under "params/".
+    full, full_anchor = {"params": params, "rest": r.rest}, {"params": r.anchor, "rest": r.rest}
+    layer_of = dict(zip(part.leaf_names, part.leaf_layer, strict=True))
+    full_part = layer_partition(
+        full,
+        select=lambda name, leaf: (
+            name.startswith("params/") and layer_of.get(name.removeprefix("params/"), -1) >= 0
+        ),
+        group=lambda name: part.names[layer_of[name.removeprefix("params/")]],
+    )
     traces = None
     if trace_probes > 0:
         t0 = time.perf_counter()
-        traces = layer_traces(r.example_loss, params, examples, jax.random.key(seed),
-                              partition=part, num_probes=trace_probes, num_iters=num_iters,
+        traces = layer_traces(r.state_loss, full, examples, jax.random.key(seed),
+                              partition=full_part, num_probes=trace_probes, num_iters=num_iters,
                               chunk_size=chunk_size)  # fmt: skip
         dist = distances(params, r.anchor, partition=part)
         cb = corollary_bound(tr["loss"], dist, traces.max, n, loss_bound=c)
@@ -539,8 +581,8 @@ def measure_run(
     out["devices"] = 1 if mesh is None else int(mesh.devices.size)
     for v in variants:
         t0 = time.perf_counter()
-        hd = hessian_distance(r.example_loss, params, r.anchor, examples, n=n,
-                              partition=part, num_iters=num_iters, chunk_size=chunk_size,
+        hd = hessian_distance(r.state_loss, full, full_anchor, examples, n=n,
+                              partition=full_part, num_iters=num_iters, chunk_size=chunk_size,
                               variant=v, mesh=mesh)  # fmt: skip
         rep = report(hd, traces)
         seconds = time.perf_counter() - t0

@@ -10,11 +10,13 @@ import struct
 import zipfile
 from collections import Counter, OrderedDict
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from flax import nnx
 
 from hessjax import _torch_pickle as tp
@@ -513,3 +515,108 @@ def test_linear_probe_experiment_smoke(tmp_path):
         assert 0.0 <= saved[name]["test_accuracy"] <= 1.0
     assert metrics["imagenet_head_on_test"]["logits_finite"]
     assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise convolutions as shifted taps, and partial fine-tuning (first_block, trunk)
+
+
+class DepthwiseConvTest(chex.TestCase):
+    """DepthwiseConv against XLA's grouped convolution (lax.conv_general_dilated), a separate
+    code path: outputs, gradients and jvp-of-grad products, float32 and float64, jit or not."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(
+        *[
+            (dtype, stride, size, kernel_size)
+            for dtype in ("float32", "float64")
+            for stride, size, kernel_size in ((1, 1, 3), (2, 2, 3), (1, 5, 3), (2, 8, 5))
+        ]
+    )
+    def test_matches_grouped_convolution(self, dtype, stride, size, kernel_size):
+        from hessjax.models._layers import DepthwiseConv, conv, depthwise_conv
+
+        with jax.enable_x64(dtype == "float64"):
+            layer = conv(6, 6, kernel_size, stride=stride, groups=6, rngs=nnx.Rngs(0))
+            assert isinstance(layer, DepthwiseConv)
+            pad = (kernel_size - 1) // 2
+            rng = np.random.default_rng(size)
+            x = jnp.asarray(rng.normal(size=(3, size, size, 6)), dtype)
+            k = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 6)), dtype)
+            ours = lambda k, x: depthwise_conv(x, k, (stride, stride), ((pad, pad), (pad, pad)))
+            # the module computes the same with its own kernel
+            np.testing.assert_array_equal(layer(x), ours(layer.kernel[...], x))
+
+            def reference(k, x):
+                return jax.lax.conv_general_dilated(
+                    x, k, (stride, stride), ((pad, pad), (pad, pad)),
+                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
+                    precision=jax.lax.Precision.HIGHEST,
+                )  # fmt: skip
+
+            tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=1e-12, atol=1e-12)
+            loss = lambda f: lambda k, x: jnp.sum(jnp.tanh(f(k, x)) ** 2)
+            got = self.variant(ours)(k, x)
+            assert got.dtype == x.dtype
+            np.testing.assert_allclose(got, reference(k, x), **tol)
+            g_ours = self.variant(jax.grad(loss(ours), argnums=(0, 1)))(k, x)
+            g_ref = jax.grad(loss(reference), argnums=(0, 1))(k, x)
+            for a, b in zip(g_ours, g_ref, strict=True):
+                np.testing.assert_allclose(a, b, **tol)
+            t = jnp.asarray(rng.normal(size=k.shape), dtype)
+            hvp = lambda f: lambda k: jax.jvp(jax.grad(lambda k: loss(f)(k, x)), (k,), (t,))[1]
+            np.testing.assert_allclose(self.variant(hvp(ours))(k), hvp(reference)(k), **tol)
+
+    def test_non_depthwise_groups_stay_grouped_convolutions(self):
+        from hessjax.models._layers import DepthwiseConv, conv
+
+        assert not isinstance(conv(4, 8, 3, groups=4, rngs=nnx.Rngs(0)), DepthwiseConv)
+        assert not isinstance(conv(4, 8, 3, rngs=nnx.Rngs(0)), DepthwiseConv)
+
+
+def _random_head(model, seed):
+    kernel = model.classifier[1].kernel
+    kernel[...] = jnp.asarray(np.random.default_rng(seed).normal(size=kernel.shape), jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "first_block",
+    [pytest.param(1, marks=pytest.mark.slow), 14, pytest.param(18, marks=pytest.mark.slow)],
+)
+def test_top_on_trunk_equals_whole_network(mobilenet_sd, first_block):
+    from hessjax.models import Frozen, mobilenet_v2_trunk
+
+    x = np.random.default_rng(0).normal(size=(5, 32, 32, 3)).astype(np.float32)
+    whole = pretrained_mobilenet_v2(10)
+    top = pretrained_mobilenet_v2(10, first_block=first_block)
+    _random_head(whole, 1)
+    _random_head(top, 1)
+    feats = mobilenet_v2_trunk(x, first_block, batch_size=2)  # 2 + 2 + 1 (padded) images
+    np.testing.assert_allclose(feats, mobilenet_v2_trunk(x, first_block), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits_fn(top, feats), logits_fn(whole, x), rtol=1e-4, atol=1e-4)
+    # the frozen blocks are parameter-free placeholders; the rest keep names and values
+    assert all(isinstance(top.features[i], Frozen) for i in range(first_block))
+    whole_params = dict(nnx.to_flat_state(nnx.state(whole, nnx.Param)))
+    top_params = dict(nnx.to_flat_state(nnx.state(top, nnx.Param)))
+    assert top_params and all(p[0] != "features" or p[1] >= first_block for p in top_params)
+    for path, variable in top_params.items():
+        np.testing.assert_array_equal(variable.get_value(), whole_params[path].get_value())
+    assert {p for p in whole_params if p[0] != "features" or p[1] >= first_block} == set(top_params)
+
+
+def test_first_block_errors():
+    from hessjax.models import mobilenet_v2_trunk
+    from hessjax.train import make_model
+
+    with pytest.raises(ValueError, match="first_block"):
+        MobileNetV2(10, first_block=19, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="first_block"):
+        MobileNetV2(10, first_block=True, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="first_block"):
+        mobilenet_v2_trunk(np.zeros((1, 8, 8, 3)), -1)
+    with pytest.raises(ValueError, match="images"):
+        mobilenet_v2_trunk(np.zeros((1, 8, 8, 1)), 3)
+    with pytest.raises(ValueError, match="first_block"):
+        make_model("tiny_cnn", 3, seed=0, first_block=2)
+    x = np.ones((2, 8, 8, 3), np.float32)
+    assert mobilenet_v2_trunk(x, 0) is not None and mobilenet_v2_trunk(x, 0).shape == x.shape

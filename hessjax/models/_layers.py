@@ -33,37 +33,48 @@ class ReLU(nnx.Module):
         return jax.nn.relu(x)
 
 
-class DepthwiseConv(nnx.Conv):
-    """A depthwise ``nnx.Conv`` (one filter per channel) computed as a sum of shifted taps.
+def depthwise_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+    """Depthwise 2-D convolution (NHWC, kernel ``(kh, kw, 1, C)``) as a sum of shifted taps.
 
-    ``y[n, i, j, c] = sum_{a, b} x_pad[n, s*i + a, s*j + b, c] * kernel[a, b, 0, c]``: the
-    same parameters (``kernel`` of shape ``(kh, kw, 1, C)``, no bias), the same result as
-    ``nnx.Conv(..., feature_group_count=C)`` up to float rounding, but built from strided
-    slices and multiply-adds that XLA fuses. On CPU this is 4-20x faster than the grouped
-    convolution for forward and backward passes (and for the jvp-of-grad Hessian-vector
-    products) at MobileNetV2's shapes, which XLA's CPU backend runs as a slow generic loop.
+    ``y[n, i, j, c] = sum_{a, b} x_pad[n, s_h i + a, s_w j + b, c] * kernel[a, b, 0, c]``,
+    built from strided slices and multiply-adds that XLA fuses.
+
+    Args:
+        x: ``(N, H, W, C)`` inputs.
+        kernel: ``(kh, kw, 1, C)``, one filter per channel (``nnx.Conv``'s layout).
+        strides: ``(s_h, s_w)``.
+        padding: ``((top, bottom), (left, right))`` zero padding.
+
+    Returns:
+        ``(N, H', W', C)`` with ``H' = (H + top + bottom - kh) // s_h + 1`` (likewise W').
+    """
+    kh, kw, _, channels = kernel.shape
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    n, h, w, _ = x.shape
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    out = None
+    for a in range(kh):
+        for b in range(kw):
+            end = (n, a + (ho - 1) * sh + 1, b + (wo - 1) * sw + 1, channels)
+            term = jax.lax.slice(x, (0, a, b, 0), end, (1, sh, sw, 1)) * kernel[a, b, 0]
+            out = term if out is None else out + term
+    return out
+
+
+class DepthwiseConv(nnx.Conv):
+    """A depthwise ``nnx.Conv`` (one filter per channel) computed by :func:`depthwise_conv`.
+
+    The same parameters (``kernel`` of shape ``(kh, kw, 1, C)``, no bias) and the same result
+    as ``nnx.Conv(..., feature_group_count=C)`` up to float rounding. On CPU this is 4-20x
+    faster than the grouped convolution for forward and backward passes (and for the
+    jvp-of-grad Hessian-vector products) at MobileNetV2's shapes, which XLA's CPU backend
+    runs as a slow generic loop.
     """
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        kernel = self.kernel[...]
-        kh, kw, _, channels = kernel.shape
-        (sh, sw) = self.strides if isinstance(self.strides, tuple) else (self.strides,) * 2
-        (pt, pb), (pl, pr) = self.padding
-        x = jnp.pad(inputs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-        n, h, w, _ = x.shape
-        ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-        out = None
-        for a in range(kh):
-            for b in range(kw):
-                tap = jax.lax.slice(
-                    x,
-                    (0, a, b, 0),
-                    (n, a + (ho - 1) * sh + 1, b + (wo - 1) * sw + 1, channels),
-                    (1, sh, sw, 1),
-                )
-                term = tap * kernel[a, b, 0]
-                out = term if out is None else out + term
-        return out
+        strides = self.strides if isinstance(self.strides, tuple) else (self.strides,) * 2
+        return depthwise_conv(inputs, self.kernel[...], strides, self.padding)
 
 
 def conv(
