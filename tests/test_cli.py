@@ -81,3 +81,55 @@ def test_dual_t_transition_and_best_checkpoint(tmp_path, capsys):
                  "--checkpoint", "best"]) == 0  # fmt: skip
     m = json.loads((out / "measure.json").read_text())
     assert np.isfinite(m["canonical"]["measure"])
+
+
+def test_measure_run_equals_measure_of_the_runs_closure(tmp_path):
+    """measure_run's stable {"params", "rest"} loss gives the numbers of the plain closure
+    over the checkpoint (hessian_distance on Run.example_loss, Run.params, Run.anchor), and
+    two runs of one model structure share one loss object (one compile)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from hessjax.cli import load_run, measure_run
+    from hessjax.measures import hessian_distance
+
+    runs = []
+    for seed in ("0", "1"):
+        out = tmp_path / f"run{seed}"
+        main(["finetune", *TINY, "--epochs", "1", "--seed", seed, "--method", "l2sp",
+              "--output-dir", str(out)])  # fmt: skip
+        runs.append(out)
+    got = measure_run(runs[1], num_examples=4, num_iters=3, variant="both", seed=2)
+    r, r0 = load_run(runs[1]), load_run(runs[0])
+    assert r.state_loss is r0.state_loss
+    idx = np.random.default_rng(2).permutation(len(r.splits.train_labels))[:4]
+    ex = (jnp.asarray(r.splits.train_images[idx]), jnp.asarray(r.splits.train_labels[idx]))
+    n = len(r.splits.train_labels)
+    for variant in ("canonical", "reference"):
+        want = hessian_distance(r.example_loss, r.params, r.anchor, ex, n=n, num_iters=3,
+                                partition=r.partition, variant=variant)  # fmt: skip
+        np.testing.assert_allclose(got[variant]["measure"], float(want.measure), rtol=1e-5)
+        rows = got[variant]["report"]["layers"]
+        assert [row["layer"] for row in rows] == list(r.partition.names)
+
+
+def test_train_from_fine_tunes_the_later_blocks_only(tmp_path):
+    """--train-from 17: the model holds features.17-18 and the head; the frozen blocks'
+    outputs are its input; measure covers exactly the fine-tuned kernels."""
+    out = tmp_path / "run"
+    args = ["finetune", "--dataset", "digits", "--model", "mobilenet_v2", "--train-from", "17",
+            "--n-per-class", "2", "--val-size", "20", "--test-size", "20", "--image-size", "32",
+            "--batch-size", "8", "--epochs", "1", "--method", "robust", "--no-progress",
+            "--output-dir", str(out)]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 2 and res["n_train"] == 20
+    assert main(["measure", str(out), "--examples", "2", "--num-iters", "2"]) == 0
+    m = json.loads((out / "measure.json").read_text())
+    names = [row["layer"] for row in m["canonical"]["report"]["layers"]]
+    assert sorted(names) == ["classifier/1/kernel", "features/17/conv/0/0/kernel",
+                             "features/17/conv/1/0/kernel", "features/17/conv/2/kernel",
+                             "features/18/0/kernel"]  # fmt: skip
+    assert "features.17-18" in m["layers"]
+    with pytest.raises(ValueError, match="train_from"):
+        main(["finetune", *TINY, "--train-from", "3", "--output-dir", str(tmp_path / "x")])
