@@ -69,14 +69,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     p.add_argument("--out", type=Path, default=None, help="default experiments/results/...")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--summary-only", action="store_true",
+                   help="train nothing: tabulate the finished runs (of a run cut short) and "
+                   "list the missing ones")  # fmt: skip
     p.add_argument("--compilation-cache", default="runs/.xla_cache",
                    help="XLA's persistent compilation cache ('' for none)")  # fmt: skip
     return p.parse_args(argv)
 
 
 def finetune(c: dict, out: Path, noise: tuple, method: str, seed: int, radius: float,
-             progress: bool) -> dict:  # fmt: skip
-    """One fine-tuning run through :func:`hessjax.cli.run_finetune` (resumable)."""
+             progress: bool, summary_only: bool = False) -> dict:  # fmt: skip
+    """One fine-tuning run through :func:`hessjax.cli.run_finetune` (resumable).
+
+    With ``summary_only`` nothing is trained: a finished run's results.json, else
+    ``{"missing": output_dir}``.
+    """
     from hessjax.cli import _finetune_defaults, run_finetune
 
     kind, rate = noise
@@ -92,6 +99,11 @@ def finetune(c: dict, out: Path, noise: tuple, method: str, seed: int, radius: f
         train_from=c["train_from"],
         output_dir=str(out / "runs" / f"{kind}{rate}" / f"{method}_D{radius}_s{seed}"),
     )  # fmt: skip
+    if summary_only:
+        done = Path(cfg["output_dir"]) / "results.json"
+        if not done.exists():
+            return {"missing": cfg["output_dir"], "output_dir": cfg["output_dir"]}
+        return json.loads(done.read_text()) | {"output_dir": cfg["output_dir"]}
     try:
         res = run_finetune(cfg, progress=progress)
     except ValueError as err:  # e.g. a Dual-T estimate of T that is not invertible
@@ -118,17 +130,20 @@ def main(argv=None) -> dict:
     config = dict(preset=args.preset, settings=c, seeds=c["seeds"],
                   command=" ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
                   commit=hessjax_cli.git_commit())  # fmt: skip
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=list))
+    if not args.summary_only:  # config.json keeps the command and commit that trained
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=list))
     t_start = time.perf_counter()
-    chosen, selection, results, failures = {}, {}, [], []
+    chosen, selection, results, failures, missing = {}, {}, [], [], []
+    run = lambda noise, method, seed, radius: finetune(
+        c, out, noise, method, seed, radius, progress, args.summary_only
+    )
     for noise in c["noises"]:
         key = f"{noise[0]}{noise[1]}"
         chosen[key], selection[key] = {}, {}
         for method in c["methods"]:
             radius = c["radii"][-1]
             if method in CONSTRAINED:  # choose D on clean validation accuracy, first seed
-                runs = {r: finetune(c, out, noise, method, c["seeds"][0], r, progress)
-                        for r in c["radii"]}  # fmt: skip
+                runs = {r: run(noise, method, c["seeds"][0], r) for r in c["radii"]}
                 val = {r: res.get("val_accuracy", float("nan")) for r, res in runs.items()}
                 ok = {r: v for r, v in val.items() if v == v}
                 radius = max(ok, key=ok.get) if ok else c["radii"][-1]
@@ -136,17 +151,21 @@ def main(argv=None) -> dict:
                 chosen[key][method] = radius
             for seed in c["seeds"]:
                 print(f"== {key} {method} seed {seed}", flush=True)
-                res = finetune(c, out, noise, method, seed, radius, progress)
+                res = run(noise, method, seed, radius)
+                if "missing" in res:
+                    missing.append(res["missing"])
+                    continue
                 if "error" in res:  # reported, not silently dropped
                     failures.append(dict(noise=key, method=method, seed=seed, radius=radius,
                                          error=res["error"]))  # fmt: skip
                     continue
                 cache = Path(res["output_dir"]) / "measure.json"
                 m = json.loads(cache.read_text()) if cache.exists() else {}
-                if (m.get("num_examples"), m.get("num_iters")) != (
-                    min(c["examples"], res["n_train"]),
-                    c["num_iters"],
-                ):  # not measured yet, or with other settings
+                wanted = (min(c["examples"], res["n_train"]), c["num_iters"])
+                if (m.get("num_examples"), m.get("num_iters")) != wanted:  # not measured yet
+                    if args.summary_only:
+                        missing.append(res["output_dir"] + " (measure)")
+                        continue
                     m = measure_run(res["output_dir"], num_examples=c["examples"],
                                     num_iters=c["num_iters"], seed=seed)  # fmt: skip
                     cache.write_text(json.dumps(m, indent=2))
@@ -160,7 +179,8 @@ def main(argv=None) -> dict:
     text = table(rows)
     (out / "table.md").write_text(text + "\n")
     metrics = dict(results=results, rows=rows, chosen_radius=chosen, selection=selection,
-                   summary=summary, failures=failures)  # fmt: skip
+                   summary=summary, failures=failures, missing=missing,
+                   partial=bool(missing))  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plots(rows, c, out)
     print(text)
@@ -224,7 +244,9 @@ def plots(rows: list[dict], c: dict, out: Path) -> None:
                                ("measure", "measure.png", "Hessian distance measure")):  # fmt: skip
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(noises)), 4))
         for j, m in enumerate(methods):
-            sel = [next(r for r in rows if r["noise"] == n and r["method"] == m) for n in noises]
+            nan = {f"{field}_mean": np.nan, f"{field}_std": np.nan}  # a method not run (yet)
+            sel = [next((r for r in rows if r["noise"] == n and r["method"] == m), nan)
+                   for n in noises]  # fmt: skip
             ax.bar(np.arange(len(noises)) + j * w, [r[f"{field}_mean"] for r in sel], w,
                    yerr=[r[f"{field}_std"] for r in sel], label=m)  # fmt: skip
         ax.set_xticks(np.arange(len(noises)) + 0.4 - w / 2, noises)

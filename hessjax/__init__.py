@@ -104,6 +104,7 @@ _EXPORTS: dict[str, str] = {
     "resnet50": "models",
     "pretrained_mobilenet_v2": "models",
     "pretrained_resnet": "models",
+    "mobilenet_v2_trunk": "models",
     "load_state_dict": "models",
     "save_state_dict": "models",
     "load_torch_weights": "models",

@@ -58,6 +58,16 @@ def test_noisy_labels_smoke(tmp_path):
         assert 0 <= r["test_accuracy"] <= 1 and r["measure"] >= 0
     assert "robust" in metrics["summary"]["average_gain"]
     assert (tmp_path / "accuracy.png").exists() and (tmp_path / "measure.png").exists()
+    assert metrics["missing"] == [] and metrics["partial"] is False
+    # --summary-only re-tabulates finished runs without training; a deleted run is listed
+    config = (tmp_path / "config.json").read_text()
+    gone = tmp_path / "runs" / "symmetric0.4" / f"plain_D{c['radii'][-1]}_s0" / "results.json"
+    gone.unlink()
+    again = mod.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress",
+                      "--summary-only"])  # fmt: skip
+    assert again["partial"] and len(again["missing"]) == 1 and "plain" in again["missing"][0]
+    assert len(again["results"]) == len(metrics["results"]) - 1
+    assert not gone.exists() and (tmp_path / "config.json").read_text() == config
 
 
 def test_spectrum_smoke(tmp_path):
