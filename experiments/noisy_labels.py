@@ -174,7 +174,9 @@ def main(argv=None) -> dict:
                                     val_accuracy=res["val_accuracy"], measure=m["measure"],
                                     gap=res["gap"]))  # fmt: skip
     summary = summarize(results, c)
-    summary["wall_seconds"] = time.perf_counter() - t_start
+    # a --summary-only pass trains nothing: its seconds are not the experiment's
+    summary["wall_seconds"] = None if args.summary_only else time.perf_counter() - t_start
+    summary["summary_only"] = args.summary_only
     rows = summary.pop("rows")
     text = table(rows)
     (out / "table.md").write_text(text + "\n")
@@ -248,7 +250,8 @@ def plots(rows: list[dict], c: dict, out: Path) -> None:
             sel = [next((r for r in rows if r["noise"] == n and r["method"] == m), nan)
                    for n in noises]  # fmt: skip
             ax.bar(np.arange(len(noises)) + j * w, [r[f"{field}_mean"] for r in sel], w,
-                   yerr=[r[f"{field}_std"] for r in sel], label=m)  # fmt: skip
+                   yerr=[r[f"{field}_std"] for r in sel], label=m,
+                   color=plt.cm.tab20(j % 20))  # fmt: skip
         ax.set_xticks(np.arange(len(noises)) + 0.4 - w / 2, noises)
         ax.set(ylabel=label)
         ax.legend(fontsize=6, ncol=2)
