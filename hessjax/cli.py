@@ -84,6 +84,15 @@ def _transition(kind: str, rate: float, k: int):
     return np.asarray(fn(rate, num_classes=k))
 
 
+def _memo(cache: dict, key, limit: int, compute):
+    """``cache[key]``, computed by ``compute()`` on a miss; the oldest entry goes past ``limit``."""
+    if key not in cache:
+        if len(cache) >= limit:
+            cache.pop(next(iter(cache)))
+        cache[key] = compute()
+    return cache[key]
+
+
 # Frozen-trunk outputs already computed in this process, by (first block, image bytes).
 _TRUNK_CACHE: dict[tuple[int, str], np.ndarray] = {}
 
@@ -95,11 +104,7 @@ def _trunk(images: np.ndarray, first_block: int) -> np.ndarray:
     from hessjax.models import mobilenet_v2_trunk
 
     key = (first_block, hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest())
-    if key not in _TRUNK_CACHE:
-        if len(_TRUNK_CACHE) >= 32:
-            _TRUNK_CACHE.pop(next(iter(_TRUNK_CACHE)))
-        _TRUNK_CACHE[key] = mobilenet_v2_trunk(images, first_block)
-    return _TRUNK_CACHE[key]
+    return _memo(_TRUNK_CACHE, key, 32, lambda: mobilenet_v2_trunk(images, first_block))
 
 
 def _first_block(cfg: dict) -> int:
@@ -140,11 +145,7 @@ _SPLIT_KEYS = ("dataset", "seed", "val_size", "n_per_class", "test_size", "image
 def _splits(cfg: dict):
     """The run's data (noisy training labels, raw images) and the true T (memoised)."""
     key = json.dumps([cfg[k] for k in _SPLIT_KEYS], default=str)
-    if key not in _SPLITS_CACHE:
-        if len(_SPLITS_CACHE) >= 8:
-            _SPLITS_CACHE.pop(next(iter(_SPLITS_CACHE)))
-        _SPLITS_CACHE[key] = _load_splits(cfg)
-    return _SPLITS_CACHE[key]
+    return _memo(_SPLITS_CACHE, key, 8, lambda: _load_splits(cfg))
 
 
 def _load_splits(cfg: dict):
@@ -382,6 +383,7 @@ _STATE_LOSSES: dict[Any, Any] = {}
 
 def _state_loss(geval, params_state, rest_state):
     """``f({"params": p, "rest": r}, (x, y))``: one example's cross-entropy, eval mode."""
+    import jax
     from flax import nnx
 
     from hessjax.train import cross_entropy
@@ -391,8 +393,6 @@ def _state_loss(geval, params_state, rest_state):
         ps_template, rs_template = params_state, rest_state
 
         def state_loss(state, ex):
-            import jax
-
             ps = jax.tree.map(lambda a: a, ps_template)
             rs = jax.tree.map(lambda a: a, rs_template)
             nnx.replace_by_pure_dict(ps, state["params"])

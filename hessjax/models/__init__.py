@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hessjax.models.mobilenet import Frozen, InvertedResidual, MobileNetV2
+from hessjax.models.mobilenet import Frozen, InvertedResidual, MobileNetV2, check_first_block
 from hessjax.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from hessjax.models.weights import (
     load_state_dict,
@@ -155,10 +155,7 @@ def mobilenet_v2_trunk(
     """
     import numpy as np
 
-    if isinstance(first_block, bool) or not isinstance(first_block, int):
-        raise ValueError(f"first_block: expected an int in [0, 18], got {first_block!r}")
-    if not 0 <= first_block < MobileNetV2.num_blocks:
-        raise ValueError(f"first_block: expected an int in [0, 18], got {first_block}")
+    check_first_block(first_block)
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images: expected (N, H, W, 3) NHWC, got shape {images.shape}")

@@ -73,6 +73,22 @@ class InvertedResidual(nnx.Module):
         return x + y if self.use_res_connect else y
 
 
+NUM_BLOCKS = 19  # features.0 (stem) .. features.18 (the 1x1 conv to 1280 channels)
+
+
+def check_first_block(first_block) -> int:
+    """``first_block`` if it is an int in [0, 18], else a ValueError naming it."""
+    if (
+        isinstance(first_block, bool)
+        or not isinstance(first_block, int)
+        or not 0 <= first_block < NUM_BLOCKS
+    ):
+        raise ValueError(
+            f"first_block: expected an int in [0, {NUM_BLOCKS - 1}], got {first_block!r}"
+        )
+    return first_block
+
+
 class Frozen(nnx.Module):
     """A parameter-free stand-in for a block computed outside the model (identity).
 
@@ -135,7 +151,7 @@ class MobileNetV2(nnx.Module):
     head_path = ("classifier", 1)
     num_features = 1280
 
-    num_blocks = 19
+    num_blocks = NUM_BLOCKS
 
     def __init__(
         self,
@@ -145,14 +161,7 @@ class MobileNetV2(nnx.Module):
         dropout_rate: float = 0.2,
         rngs: nnx.Rngs,
     ):
-        if (
-            isinstance(first_block, bool)
-            or not isinstance(first_block, int)
-            or not 0 <= first_block < self.num_blocks
-        ):
-            raise ValueError(
-                f"first_block: expected an int in [0, {self.num_blocks - 1}], got {first_block!r}"
-            )
+        check_first_block(first_block)
         channels = 32
         builders = [lambda: conv_bn_relu6(3, 32, 3, stride=2, rngs=rngs)]
         for t, c, n, s in _INVERTED_RESIDUAL_SETTING:
