@@ -5,6 +5,8 @@
   depth functions for the layerwise radii.
 * :mod:`hessjax.train.loop`: :func:`fit` (jitted steps, clean validation, early stopping,
   checkpoints, exact resume), :func:`evaluate`.
+* :mod:`hessjax.train.checkpoint`: :class:`Checkpointer` (the run directory's layout, one
+  atomic commit record), :class:`RunLock` (one run per directory), :func:`save_tree`.
 * :mod:`hessjax.train.zoo`: :func:`make_model` (``mobilenet_v2``, ``tiny_cnn``).
 
 References:
@@ -12,7 +14,8 @@ References:
   Generalization Guarantees", ICML 2022.
 """
 
-from hessjax.train.loop import FitResult, evaluate, fit, restore_checkpoint, split_model
+from hessjax.train.checkpoint import Checkpointer, RunLock, load_tree, restore_checkpoint, save_tree
+from hessjax.train.loop import RESUMABLE_FIELDS, FitResult, evaluate, fit, split_model
 from hessjax.train.methods import (
     METHODS,
     Method,
@@ -28,6 +31,11 @@ from hessjax.train.zoo import MODELS, TinyCNN, make_model
 
 __all__ = [
     "METHODS",
+    "RESUMABLE_FIELDS",
+    "Checkpointer",
+    "RunLock",
+    "load_tree",
+    "save_tree",
     "MODELS",
     "FitResult",
     "Method",

@@ -8,11 +8,14 @@ would take, and ends with the same parameters.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,20 +25,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
 from hessjax.data import iterate_batches
-from hessjax.partition import path_name
+from hessjax.train.checkpoint import Checkpointer, RunLock, shapes
 from hessjax.train.methods import TrainConfig, cross_entropy
 
 PyTree = Any
 
-__all__ = ["FitResult", "evaluate", "fit", "split_model"]
+__all__ = ["RESUMABLE_FIELDS", "FitResult", "evaluate", "fit", "split_model"]
 
-# Config fields that may change between a run and its resumption.
-_RESUMABLE_FIELDS = ("epochs", "max_steps", "checkpoint_every", "eval_batch_size")
+# Config fields that may change between a run and its resumption (everything else changes
+# the data or the trajectory and is part of the fingerprint).
+RESUMABLE_FIELDS = ("epochs", "max_steps", "checkpoint_every", "eval_batch_size")
 
 
 @dataclasses.dataclass
@@ -93,7 +96,8 @@ def _accepts_rngs(model) -> bool:
         return False
 
 
-def _check_data(data, name):
+def _check_data(data, name, num_classes=None):
+    """``(images, int32 labels)`` of a pair, or a ValueError/TypeError naming ``name``."""
     if not isinstance(data, tuple | list) or len(data) != 2:
         raise ValueError(f"{name}: expected a pair (images, labels), got {type(data).__name__}")
     x, y = np.asarray(data[0]), np.asarray(data[1])
@@ -102,7 +106,31 @@ def _check_data(data, name):
             f"{name}: expected images (n, ...) and labels (n,) with n >= 1, got shapes "
             f"{x.shape} and {y.shape}"
         )
+    if not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool):
+        raise TypeError(f"{name}: expected integer labels, got dtype {y.dtype}")
+    if num_classes is not None and (y.min() < 0 or y.max() >= num_classes):
+        bad = y[(y < 0) | (y >= num_classes)]
+        raise ValueError(
+            f"{name}: labels must lie in [0, {num_classes}) (the model's {num_classes} "
+            f"logits), got {bad.size} outside, e.g. {int(bad[0])}"
+        )
     return x, y.astype(np.int32)
+
+
+def _num_classes(model, x) -> int | None:
+    """The number of logits the model returns (traced abstractly on one example)."""
+    try:
+        out = nnx.eval_shape(lambda m, xb: m(xb), model, jax.ShapeDtypeStruct(x[:1].shape, x.dtype))
+    except Exception:  # noqa: BLE001 - not every module traces abstractly; skip the check
+        return None
+    shape = getattr(out, "shape", ())
+    return int(shape[-1]) if len(shape) == 2 else None
+
+
+def _data_fingerprint(x, y) -> dict[str, Any]:
+    """What a resumed run's data must match: sizes and the exact labels."""
+    return {"shape": list(x.shape), "dtype": str(x.dtype),
+            "labels_sha1": hashlib.sha1(np.ascontiguousarray(y).tobytes()).hexdigest()}  # fmt: skip
 
 
 def _make_eval(merge, accepts_rngs):
@@ -140,7 +168,8 @@ def evaluate(
       >>> sorted(evaluate(m, np.ones((5, 2)), np.zeros(5, int)))
       ['accuracy', 'loss', 'max_loss']
     """
-    x, y = _check_data((images, labels), "images/labels")
+    x, y = np.asarray(images), np.asarray(labels)
+    x, y = _check_data((x, y), "images/labels", _num_classes(model, x) if x.ndim else None)
     if batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size}")
     _, geval, params, rest = split_model(model)
@@ -161,122 +190,41 @@ def _evaluate(step, params, rest, x, y, batch_size):
             xb = np.concatenate([xb, np.zeros((bs - m, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros(bs - m, yb.dtype)])
         s, c, w = step(params, rest, xb, yb, mask)
-        total, correct, worst = total + float(s), correct + float(c), max(worst, float(w))
+        total, correct = total + float(s), correct + float(c)
+        worst = float(w) if not np.isfinite(float(w)) or float(w) > worst else worst
     return {"loss": total / n, "accuracy": correct / n, "max_loss": worst}
 
 
-# ------------------------------------------------------------------------------ checkpoints
-def _shapes(tree) -> dict[str, list[int]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {path_name(p): list(np.shape(v)) for p, v in leaves}
-
-
-def _managers(workdir: Path):
-    opts = dict(enable_async_checkpointing=False, create=True)
-    last = ocp.CheckpointManager(
-        workdir / "checkpoints" / "last",
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, **opts),
-        item_names=("state", "meta"),
-    )
-    best = ocp.CheckpointManager(
-        workdir / "checkpoints" / "best",
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts),
-        item_names=("state", "meta"),
-    )
-    return last, best
-
-
-def _compare_fingerprint(saved: dict, current: dict, where: Path) -> None:
-    problems = []
-    if saved.get("params") != current["params"]:
-        s, c = saved.get("params", {}), current["params"]
-        diff = sorted(set(s) ^ set(c))[:5] or [k for k in c if s.get(k) != c[k]][:5]
-        problems.append(
-            f"the model differs (parameter names/shapes, e.g. {diff}: checkpoint "
-            f"{[s.get(k) for k in diff]} vs model {[c.get(k) for k in diff]})"
-        )
-    for key in sorted(set(saved.get("config", {})) | set(current["config"])):
-        a, b = saved.get("config", {}).get(key), current["config"].get(key)
-        if a != b:
-            problems.append(f"config.{key} = {a!r} in the checkpoint, {b!r} now")
-    for key in sorted(set(saved.get("extra", {})) | set(current["extra"])):
-        a, b = saved.get("extra", {}).get(key), current["extra"].get(key)
-        if a != b:
-            problems.append(f"{key} = {a!r} in the checkpoint, {b!r} now")
-    if problems:
-        raise ValueError(
-            f"checkpoint in {where} does not match this run (use another output directory or "
-            "start afresh): " + "; ".join(problems)
-        )
-
-
-def restore_checkpoint(
-    manager: ocp.CheckpointManager, target: PyTree, fingerprint: dict | None = None
-) -> tuple[PyTree, dict]:
-    """Restore ``(state, meta)`` of the latest step of an orbax manager into ``target``'s shape.
-
-    Args:
-      manager: an ``ocp.CheckpointManager`` with items ``state`` (StandardSave) and ``meta``
-        (JsonSave).
-      target: a pytree like the saved state (its shapes and dtypes are used).
-      fingerprint: when given, compared with the saved ``meta["fingerprint"]`` first.
-
-    Returns:
-      The restored state and meta dict.
-
-    Raises:
-      ValueError: no checkpoint; a mismatched fingerprint (names the differences); an
-        unreadable/corrupt checkpoint (names the directory and the error).
-    """
-    step = manager.latest_step()
-    where = Path(manager.directory)
-    if step is None:
-        raise ValueError(f"checkpoint: no checkpoint found in {where}")
-    try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # noqa: BLE001 - re-raised with the directory named
-        raise ValueError(
-            f"checkpoint: {where}/{step} is corrupt or unreadable (metadata): {e}"
-        ) from e
-    if fingerprint is not None:
-        _compare_fingerprint(meta.get("fingerprint", {}), fingerprint, where / str(step))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    try:
-        state = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )["state"]
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(
-            f"checkpoint: {where}/{step} is corrupt or does not match the model: {e}"
-        ) from e
-    return state, meta
-
-
-def _place_on_mesh(mesh, params, rest, opt_state, fsdp_min_size):
+def _place_on_mesh(mesh, state, fsdp_min_size):
     """Replicated (or FSDP-sharded) state and a function placing a batch over the data axis."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from hessjax.sharding import _axis, _place, fsdp_sharding, replicate
 
+    params, opt_state = state["params"], state["opt_state"]
     if fsdp_min_size is None:
         params, opt_state = replicate((params, opt_state), mesh)
     else:
         params = _place(params, fsdp_sharding(params, mesh, min_size=fsdp_min_size))
         opt_state = _place(opt_state, fsdp_sharding(opt_state, mesh, min_size=fsdp_min_size))
-    rest = replicate(rest, mesh)
+    state = {"params": params, "rest": replicate(state["rest"], mesh), "opt_state": opt_state}
     rows = NamedSharding(mesh, P(_axis(mesh, None)))
-    return params, rest, opt_state, lambda xb, yb: _place((xb, yb), rows)
+    return state, lambda xb, yb: _place((xb, yb), rows)
 
 
 def _write_metrics(workdir: Path, history: list[dict]) -> None:
-    (workdir / "metrics.json").write_text(json.dumps(history, indent=2))
+    """``metrics.json`` and ``metrics.csv``, each replaced atomically."""
+    tmp = workdir / f".metrics.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(history, indent=2))
+    os.replace(tmp, workdir / "metrics.json")
     if history:
-        keys = list(history[0])
-        with open(workdir / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
+        tmp = workdir / f".metrics.csv.tmp-{os.getpid()}"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(history[0]))
             w.writeheader()
             w.writerows(history)
+        os.replace(tmp, workdir / "metrics.csv")
 
 
 # ------------------------------------------------------------------------------ fit
@@ -366,17 +314,78 @@ def fit(
       Ju, Li & Zhang, ICML 2022, section 4 and the reference code (early stopping on clean
       validation accuracy, step decay).
     """
+    x, y, xv, yv = _check_fit_inputs(model, config, train, val, mesh, fsdp_min_size)
+    spe = x.shape[0] // config.batch_size
+    accepts_rngs = _accepts_rngs(model)
+    gtrain, geval, params_state, rest_state = split_model(model)
+    merge = _merger(params_state, rest_state)
+    # The loop works on plain nested dicts of arrays (what optax and orbax see).
+    params, rest = nnx.to_pure_dict(params_state), nnx.to_pure_dict(rest_state)
+    state = {"params": params, "rest": rest, "opt_state": tx.init(params)}
+    train_step = _make_train_step(lambda p, r: merge(gtrain, p, r), loss_fn, tx, accepts_rngs)
+    eval_step = _make_eval(lambda p, r: merge(geval, p, r), accepts_rngs)
+    fp = {
+        "config": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS},
+        "params": shapes(params),
+        "data": {"train": _data_fingerprint(x, y)}
+        | ({"val": _data_fingerprint(xv, yv)} if xv is not None else {}),
+        "extra": dict(fingerprint or {}),
+    }
+    with contextlib.ExitStack() as stack:
+        ckpt = None
+        meta = _fresh_meta(config, fp)
+        if workdir is not None:
+            wd = Path(workdir).absolute()
+            stack.enter_context(RunLock(wd))
+            ckpt = Checkpointer(wd)
+            stack.callback(ckpt.close)
+            if ckpt.has_checkpoint() and not resume:
+                raise ValueError(
+                    f"workdir: {wd} already holds checkpoints; pass resume=True (CLI --resume) "
+                    "to continue them or choose another directory"
+                )
+            restored = ckpt.restore_last(state, fp)
+            ckpt.collect_garbage()  # versions a killed run left uncommitted
+            if restored is not None:
+                state, meta = dict(restored[0]), restored[1]
+                meta["fingerprint"] = fp
+                _write_metrics(wd, meta["history"])  # a kill may have come before the write
+        place_batch = lambda xb, yb: (xb, yb)
+        if mesh is not None:
+            state, place_batch = _place_on_mesh(mesh, state, fsdp_min_size)
+        loop = _Loop(config, train_step, eval_step, place_batch, ckpt, progress, callback)
+        state, best_mem = loop.run(state, meta, (x, y), (xv, yv), spe)
+        if config.early_stopping and meta["best_epoch"] > 0 and meta["stopped"] != "max_steps":
+            if best_mem is None and ckpt is not None:
+                best_mem = ckpt.restore_best({"params": state["params"], "rest": state["rest"]})[0]
+            if best_mem is not None:
+                state = dict(state, params=best_mem["params"], rest=best_mem["rest"])
+    nnx.replace_by_pure_dict(params_state, state["params"])
+    nnx.replace_by_pure_dict(rest_state, state["rest"])
+    nnx.update(model, params_state, rest_state)
+    model.eval()
+    return FitResult(
+        model=model,
+        history=list(meta["history"]),
+        step=meta["step"],
+        best_epoch=meta["best_epoch"],
+        best_val_accuracy=meta["best_val_accuracy"],
+        stopped=meta["stopped"] or "epochs",
+    )
+
+
+def _check_fit_inputs(model, config, train, val, mesh, fsdp_min_size):
     if not isinstance(model, nnx.Module):
         raise ValueError(f"model: expected an nnx.Module, got {type(model).__name__}")
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config: expected a TrainConfig, got {type(config).__name__}")
-    x, y = _check_data(train, "train")
-    xv, yv = _check_data(val, "val") if val is not None else (None, None)
-    n = x.shape[0]
+    x = np.asarray(train[0]) if isinstance(train, tuple | list) and train else None
+    k = _num_classes(model, x) if x is not None and x.ndim else None
+    x, y = _check_data(train, "train", k)
+    xv, yv = _check_data(val, "val", k) if val is not None else (None, None)
     bs = config.batch_size
-    if n < bs:
-        raise ValueError(f"config.batch_size: {bs} is larger than the training set ({n})")
-    spe = n // bs
+    if x.shape[0] < bs:
+        raise ValueError(f"config.batch_size: {bs} is larger than the training set ({len(y)})")
     if mesh is not None:
         from hessjax.sharding import mesh_size
 
@@ -387,10 +396,11 @@ def fit(
             )
     elif fsdp_min_size is not None:
         raise ValueError(f"fsdp_min_size: {fsdp_min_size!r} needs a mesh (mesh=None)")
-    accepts_rngs = _accepts_rngs(model)
-    gtrain, geval, params_state, rest_state = split_model(model)
-    # The loop works on plain nested dicts of arrays (what optax and orbax see).
-    params, rest = nnx.to_pure_dict(params_state), nnx.to_pure_dict(rest_state)
+    return x, y, xv, yv
+
+
+def _merger(params_state, rest_state):
+    """``merge(graphdef, params, rest)``: an nnx model from pure dicts (fresh Variables)."""
 
     def merge(graphdef, p, r):
         ps, rs = jax.tree.map(lambda a: a, params_state), jax.tree.map(lambda a: a, rest_state)
@@ -398,34 +408,33 @@ def fit(
         nnx.replace_by_pure_dict(rs, r)
         return nnx.merge(graphdef, ps, rs)
 
-    opt_state = tx.init(params)
-    base_key = jax.random.key(config.seed)
+    return merge
 
+
+def _make_train_step(merge_train, loss_fn, tx, accepts_rngs):
     @jax.jit
-    def train_step(params, rest, opt_state, xb, yb, step, base_key):
+    def train_step(state, xb, yb, step, base_key):
         # The key is an argument, not a constant: runs with other seeds reuse the compiled step.
         key = jax.random.fold_in(base_key, step)
+        params, rest = state["params"], state["rest"]
 
         def objective(p):
-            m = merge(gtrain, p, rest)  # fresh Variables at this trace level
+            m = merge_train(p, rest)  # fresh Variables at this trace level
             logits = _call(m, xb, key, accepts_rngs)
             new_rest = nnx.to_pure_dict(nnx.split(m, nnx.Param, ...)[2])
             return jnp.mean(loss_fn(logits, yb)), (new_rest, logits)
 
         (loss, (new_rest, logits)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         acc = jnp.mean((jnp.argmax(logits, -1) == yb).astype(jnp.float32))
-        return params, new_rest, opt_state, loss, acc
+        return {"params": params, "rest": new_rest, "opt_state": opt_state}, loss, acc
 
-    eval_step = _make_eval(lambda p, r: merge(geval, p, r), accepts_rngs)
+    return train_step
 
-    fp = {
-        "config": {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_FIELDS},
-        "params": _shapes(params),
-        "extra": dict(fingerprint or {}),
-    }
-    meta: dict[str, Any] = {
+
+def _fresh_meta(config, fp) -> dict[str, Any]:
+    return {
         "step": 0,
         "epoch": 0,
         "epoch_loss": 0.0,
@@ -433,67 +442,55 @@ def fit(
         "best_val_accuracy": -1.0,
         "best_epoch": -1,
         "bad_epochs": 0,
+        "stopped": None,
         "history": [],
         "seed": config.seed,
         "fingerprint": fp,
     }
-    last = best = None
-    best_mem = None
-    wd = None
-    if workdir is not None:
-        wd = Path(workdir).absolute()
-        wd.mkdir(parents=True, exist_ok=True)
-        last, best = _managers(wd)
-        if last.latest_step() is not None:
-            if not resume:
-                raise ValueError(
-                    f"workdir: {wd} already holds checkpoints; pass resume=True (CLI --resume) "
-                    "to continue them or choose another directory"
-                )
-            target = {"params": params, "rest": rest, "opt_state": opt_state}
-            state, meta = restore_checkpoint(last, target, fp)
-            params, rest, opt_state = state["params"], state["rest"], state["opt_state"]
-            meta["fingerprint"] = fp
-    place_batch = lambda xb, yb: (xb, yb)
-    if mesh is not None:
-        params, rest, opt_state, place_batch = _place_on_mesh(
-            mesh, params, rest, opt_state, fsdp_min_size
-        )
 
-    def save(manager, items, meta_):
-        manager.save(
-            meta_["step"],
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(items), meta=ocp.args.JsonSave(meta_)
-            ),
-            force=True,
-        )
-        manager.wait_until_finished()
 
-    def save_last():
-        if last is not None and last.latest_step() != meta["step"]:
-            save(last, {"params": params, "rest": rest, "opt_state": opt_state}, meta)
+class _Loop:
+    """The epoch loop of :func:`fit`: steps, epoch-end validation, commits, early stopping."""
 
-    stopped = "epochs"
-    t0 = time.perf_counter()
-    while meta["epoch"] < config.epochs and stopped == "epochs":
-        epoch = meta["epoch"]
+    def __init__(self, config, train_step, eval_step, place_batch, ckpt, progress, callback):
+        self.config, self.train_step, self.eval_step = config, train_step, eval_step
+        self.place_batch, self.ckpt, self.callback = place_batch, ckpt, callback
+        self.progress = progress
+        self.bars = progress and sys.stderr.isatty()  # plain epoch lines in logs
+
+    def run(self, state, meta, train, val, spe):
+        """Train from ``meta``'s position to the end; returns the state and best in memory."""
+        cfg, best_mem = self.config, None
+        meta.setdefault("stopped", None)
+        if meta["stopped"] == "max_steps":
+            meta["stopped"] = None  # a later run may go further
+        key, t0 = jax.random.key(cfg.seed), time.perf_counter()
+        while meta["epoch"] < cfg.epochs and meta["stopped"] is None:
+            if cfg.max_steps is not None and meta["step"] >= cfg.max_steps:
+                meta["stopped"] = "max_steps"
+                break
+            state = self._steps(state, meta, train, spe, key)
+            if meta["stopped"] == "max_steps" and meta["step"] - meta["epoch"] * spe < spe:
+                self._commit(state, meta)  # stopped inside the epoch
+                break
+            improved = self._end_epoch(state, meta, val, spe, time.perf_counter() - t0)
+            if improved:
+                best_mem = {"params": state["params"], "rest": state["rest"]}
+        return state, best_mem
+
+    def _steps(self, state, meta, train, spe, key):
+        cfg, epoch = self.config, meta["epoch"]
         done = meta["step"] - epoch * spe
-        batches = list(
-            iterate_batches(x, y, batch_size=bs, seed=config.seed, epoch=epoch, drop_last=True)
-        )
-        bar = tqdm(
-            total=spe,
-            initial=done,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not progress,
-            leave=False,
-        )
-        for xb, yb in batches[done:]:
-            xb, yb = place_batch(xb, yb)
-            params, rest, opt_state, loss, acc = train_step(
-                params, rest, opt_state, xb, yb, jnp.asarray(meta["step"], jnp.uint32), base_key
-            )
+        batches = iterate_batches(*train, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                  drop_last=True)  # fmt: skip
+        bar = tqdm(total=spe, initial=done, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not self.bars, leave=False)  # fmt: skip
+        for i, (xb, yb) in enumerate(batches):
+            if i < done:
+                continue
+            xb, yb = self.place_batch(xb, yb)
+            step = jnp.asarray(meta["step"], jnp.uint32)
+            state, loss, acc = self.train_step(state, xb, yb, step, key)
             loss, acc = float(loss), float(acc)
             if not np.isfinite(loss):
                 raise ValueError(f"loss_fn: non-finite training loss {loss} at step {meta['step']}")
@@ -502,17 +499,20 @@ def fit(
             meta["epoch_acc"] += acc
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-            if callback is not None:
-                callback(meta["step"], {"loss": loss, "accuracy": acc})
-            if config.checkpoint_every and meta["step"] % config.checkpoint_every == 0:
-                save_last()
-            if config.max_steps is not None and meta["step"] >= config.max_steps:
-                stopped = "max_steps"
+            if self.callback is not None:
+                self.callback(meta["step"], {"loss": loss, "accuracy": acc})
+            if cfg.max_steps is not None and meta["step"] >= cfg.max_steps:
+                meta["stopped"] = "max_steps"
                 break
+            last_of_epoch = meta["step"] - epoch * spe == spe  # the epoch end commits it
+            if cfg.checkpoint_every and meta["step"] % cfg.checkpoint_every == 0:
+                if not last_of_epoch:
+                    self._commit(state, meta)
         bar.close()
-        if stopped == "max_steps" and meta["step"] - epoch * spe < spe:
-            save_last()
-            break
+        return state
+
+    def _end_epoch(self, state, meta, val, spe, elapsed) -> bool:
+        cfg, epoch = self.config, meta["epoch"]
         row = {
             "epoch": epoch + 1,
             "step": meta["step"],
@@ -520,49 +520,34 @@ def fit(
             "train_accuracy": meta["epoch_acc"] / spe,
         }
         improved = False
-        if xv is not None:
-            ev = _evaluate(eval_step, params, rest, xv, yv, config.eval_batch_size)
+        if val[0] is not None:
+            ev = _evaluate(self.eval_step, state["params"], state["rest"], *val,
+                           cfg.eval_batch_size)  # fmt: skip
             row["val_loss"], row["val_accuracy"] = ev["loss"], ev["accuracy"]
             improved = ev["accuracy"] > meta["best_val_accuracy"]
-        row["time"] = time.perf_counter() - t0
+        row["time"] = elapsed
         meta["history"].append(row)
         meta.update(epoch=epoch + 1, epoch_loss=0.0, epoch_acc=0.0)
         if improved:
             meta.update(best_val_accuracy=row["val_accuracy"], best_epoch=epoch + 1, bad_epochs=0)
-            best_mem = (params, rest)
-            if best is not None:
-                save(best, {"params": params, "rest": rest}, meta)
-        elif xv is not None:
+        elif val[0] is not None:
             meta["bad_epochs"] += 1
-        if config.early_stopping and meta["bad_epochs"] >= config.patience:
-            stopped = "early_stopping"
-        save_last()
-        if wd is not None:
-            _write_metrics(wd, meta["history"])
-        if progress:
-            tqdm.write(
-                "  ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                )
+        if cfg.early_stopping and meta["bad_epochs"] >= cfg.patience:
+            meta["stopped"] = "early_stopping"
+        if meta["stopped"] is None and cfg.max_steps is not None:
+            if meta["step"] >= cfg.max_steps:
+                meta["stopped"] = "max_steps"
+        best = {"params": state["params"], "rest": state["rest"]} if improved else None
+        self._commit(state, meta, best)
+        if self.ckpt is not None:
+            _write_metrics(self.ckpt.root.parent, meta["history"])
+        if self.progress:
+            line = "  ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
             )
-    if config.early_stopping and meta["best_epoch"] > 0 and stopped != "max_steps":
-        if best_mem is not None:
-            params, rest = best_mem
-        elif best is not None:
-            state, _ = restore_checkpoint(best, {"params": params, "rest": rest})
-            params, rest = state["params"], state["rest"]
-    nnx.replace_by_pure_dict(params_state, params)
-    nnx.replace_by_pure_dict(rest_state, rest)
-    nnx.update(model, params_state, rest_state)
-    model.eval()
-    for manager in (last, best):
-        if manager is not None:
-            manager.close()
-    return FitResult(
-        model=model,
-        history=list(meta["history"]),
-        step=meta["step"],
-        best_epoch=meta["best_epoch"],
-        best_val_accuracy=meta["best_val_accuracy"],
-        stopped=stopped,
-    )
+            tqdm.write(line) if self.bars else print(line, file=sys.stderr, flush=True)
+        return improved
+
+    def _commit(self, state, meta, best=None):
+        if self.ckpt is not None:
+            self.ckpt.commit(state, meta, best)
