@@ -59,6 +59,49 @@ def _devices_arg(text: str) -> int | str:
     return value
 
 
+def _int_at_least(lo: int, *, all_ok: bool = False):
+    """An argparse type: an int >= ``lo`` (or ``all`` when ``all_ok``)."""
+
+    def parse(text: str):
+        if all_ok and text == "all":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo:
+            extra = " or 'all'" if all_ok else ""
+            raise argparse.ArgumentTypeError(f"expected an int >= {lo}{extra}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
+def _float_in(lo: float, hi: float | None = None, *, open_lo: bool = False):
+    """An argparse type: a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``open_lo``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        ok = np.isfinite(value) and (value > lo if open_lo else value >= lo)
+        ok = ok and (hi is None or value <= hi)
+        if not ok:
+            where = f"{'(' if open_lo else '['}{lo}, {'inf)' if hi is None else f'{hi}]'}"
+            raise argparse.ArgumentTypeError(f"expected a number in {where}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+_POSITIVE = _int_at_least(1)
+_NONNEG = _int_at_least(0)
+_POSITIVE_FLOAT = _float_in(0.0, open_lo=True)
+
+
 def _mesh(devices: int | str | None):
     """The data-parallel mesh for ``--devices`` (None: one device, no mesh)."""
     if devices is None:
@@ -174,30 +217,93 @@ def _load_splits(cfg: dict):
     return splits, t
 
 
-def _abstract(tree):
-    import jax
-    import orbax.checkpoint as ocp
-
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
-
 def _save_tree(path: Path, tree) -> None:
-    import orbax.checkpoint as ocp
+    from hessjax.train import save_tree
 
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path.absolute(), tree, force=True)
+    save_tree(path, tree)
 
 
 def _load_tree(path: Path, target):
-    import orbax.checkpoint as ocp
+    from hessjax.train import load_tree
 
-    if not path.exists():
-        raise ValueError(f"checkpoint: {path} does not exist (run `hessjax finetune` first)")
+    return load_tree(path, target)
+
+
+def _write_json(path: Path, value) -> None:
+    """Write JSON atomically (a temporary file renamed into place)."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _read_config(run: Path) -> dict:
+    """A run's config.json, or a ValueError naming the file."""
+    path = run / "config.json"
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(path.absolute(), _abstract(target))
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"checkpoint: {path} is corrupt or does not match the model: {e}") from e
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(
+            f"run: {run} has no config.json (not a `hessjax finetune` directory)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"config: {path} is unreadable or not JSON ({e})") from None
+    missing = [k for k in _REQUIRED_CONFIG if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ValueError(
+            f"config: {path} is not a `hessjax finetune` config (missing {missing[:5]})"
+        )
+    return cfg
+
+
+# Options that may change between a run and its continuation; every other option changes the
+# data or the trajectory, so a run directory only accepts the values it was started with.
+_RESUMABLE_OPTIONS = ("epochs", "max_steps", "checkpoint_every", "eval_batch_size",
+                      "output_dir", "resume", "devices", "no_progress", "distributed",
+                      "debug")  # fmt: skip
+_REQUIRED_CONFIG = ("dataset", "model", "seed", "val_size", "n_per_class", "test_size",
+                    "image_size", "noise_type", "noise_rate", "method")  # fmt: skip
+
+
+def run_fingerprint(cfg: dict) -> dict:
+    """The options a run directory is bound to: all but :data:`_RESUMABLE_OPTIONS`."""
+    return {k: v for k, v in sorted(cfg.items()) if k not in _RESUMABLE_OPTIONS}
+
+
+def _accept(out: Path, cfg: dict) -> dict | None:
+    """Check that ``out`` may take this run, before anything is written into it.
+
+    Returns the finished run's results when ``out`` holds the same run already finished
+    (same options, resumable ones included), else None. Raises a ValueError naming every
+    option that differs from the run the directory holds.
+    """
+    if not (out / "config.json").exists():
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output_dir: {out} exists and is not a directory")
+        return None
+    saved = _read_config(out)
+    a, b = run_fingerprint(saved), run_fingerprint(cfg)
+    diff = [f"config.{k} = {a.get(k)!r} in {out}, {b.get(k)!r} now"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]  # fmt: skip
+    if diff:
+        raise ValueError(
+            f"output_dir: {out} holds another run (use another output directory or start "
+            "afresh): " + "; ".join(diff)
+        )
+    try:
+        res = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    # results.json of an older version has no config_end: config.json's values made it
+    end = res.get("config_end", {k: saved.get(k) for k in _TRAJECTORY_END})
+    finished = end == {k: cfg.get(k) for k in _TRAJECTORY_END}
+    return res if finished else None
+
+
+# The resumable options that decide where a run ends: a finished run rerun with the same ones
+# is a no-op.
+_TRAJECTORY_END = ("epochs", "max_steps")
 
 
 def _pure_state(model):
@@ -245,29 +351,57 @@ def run_finetune(cfg: dict, *, progress: bool = True, splits=None) -> dict[str, 
         splits every training batch over a data-parallel mesh
         (:func:`hessjax.sharding.make_mesh`, :func:`hessjax.train.fit` ``mesh=``).
 
+    Reruns: the options are checked against the directory's ``config.json`` before anything
+    is written (every option but the resumable ones, :data:`_RESUMABLE_OPTIONS`, must be the
+    same); a finished run rerun with the same options is a no-op that returns its results
+    (with ``"already_finished": True``); an interrupted one resumes exactly. One process at a
+    time: :class:`hessjax.train.RunLock` on the directory.
+
     Returns:
-      The results dict (also in ``results.json``) with ``"step_time"`` (seconds per step).
+      The results dict (also in ``results.json``).
 
     Raises:
-      ValueError: bad options (naming them), a mismatched or corrupt checkpoint.
+      ValueError: bad options (naming them), a directory holding another run or in use by
+        another process, a mismatched or corrupt checkpoint.
     """
+    from hessjax.train import RunLock
+
+    _train_config(cfg)  # bad options fail before the directory is touched
+    out = Path(cfg["output_dir"])
+    done = _accept(out, cfg)
+    if done is not None:
+        return dict(done, already_finished=True)
+    with RunLock(out):
+        if (out / "config.json").exists():
+            done = _accept(out, cfg)  # another process may have finished it meanwhile
+            if done is not None:
+                return dict(done, already_finished=True)
+        return _run_finetune(out, cfg, progress=progress, splits=splits)
+
+
+def _train_config(cfg: dict):
+    from hessjax.train import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in cfg.items() if k in names})
+
+
+def _run_finetune(out: Path, cfg: dict, *, progress: bool, splits) -> dict[str, Any]:
     import jax.numpy as jnp
+    from flax import nnx
 
     from hessjax.bounds import generalization_gap
     from hessjax.noise import dual_t_transition, symmetric_transition
-    from hessjax.train import TrainConfig, build_method, evaluate, fit, split_model
+    from hessjax.train import build_method, evaluate, fit, split_model
 
-    out = Path(cfg["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
     if splits is None:
         splits, true_t = _splits(cfg)
     else:
         true_t = _transition(cfg["noise_type"], cfg["noise_rate"], splits.num_classes)
     raw, splits = splits, _with_trunk(splits, _first_block(cfg))
     k = splits.num_classes
-    tcfg = TrainConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(TrainConfig)
-                          if f.name in cfg})  # fmt: skip
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    tcfg = _train_config(cfg)
+    _write_json(out / "config.json", cfg)
     train = (splits.train_images, splits.train_labels)
     val = (splits.val_images, splits.val_labels)
 
@@ -286,7 +420,7 @@ def run_finetune(cfg: dict, *, progress: bool = True, splits=None) -> dict[str, 
             probs = _predict_probs(model, splits.train_images)
             transition = np.asarray(dual_t_transition(jnp.asarray(probs), splits.train_labels))
             del plain
-        (out / "transition.json").write_text(json.dumps(np.asarray(transition).tolist()))
+        _write_json(out / "transition.json", np.asarray(transition).tolist())
 
     model = _make_model(cfg, splits)
     anchor = _pure_state(model)
@@ -294,8 +428,6 @@ def run_finetune(cfg: dict, *, progress: bool = True, splits=None) -> dict[str, 
         _save_tree(out / "anchor", anchor)
     spe = len(splits.train_labels) // tcfg.batch_size
     params = split_model(model)[2]
-    from flax import nnx
-
     method = build_method(
         tcfg,
         nnx.to_pure_dict(params),
@@ -303,9 +435,7 @@ def run_finetune(cfg: dict, *, progress: bool = True, splits=None) -> dict[str, 
         steps_per_epoch=max(spe, 1),
         transition=transition,
     )
-    fingerprint = {key: cfg[key] for key in ("dataset", "model", "n_per_class", "noise_rate",
-                                             "noise_type", "image_size", "transition")}  # fmt: skip
-    fingerprint["train_from"] = _first_block(cfg)
+    fingerprint = run_fingerprint(dict(cfg, train_from=_first_block(cfg)))
     t0 = time.perf_counter()
     result = fit(model, method.loss, method.tx, train, val, config=tcfg, workdir=out,
                  resume=cfg["resume"], fingerprint=fingerprint, progress=progress,
@@ -330,8 +460,9 @@ def run_finetune(cfg: dict, *, progress: bool = True, splits=None) -> dict[str, 
         "n_train": len(splits.train_labels),
         "fit_seconds": wall,
         "history": result.history,
+        "config_end": {k: cfg.get(k) for k in _TRAJECTORY_END},
     }
-    (out / "results.json").write_text(json.dumps(res, indent=2))
+    _write_json(out / "results.json", res)
     return res
 
 
@@ -404,6 +535,17 @@ def _state_loss(geval, params_state, rest_state):
     return _STATE_LOSSES[geval]
 
 
+def _layer_selector(layers: str | None):
+    """``name -> bool`` for ``--layers`` (None: the caller's default)."""
+    if layers is None:
+        return None
+    try:
+        pattern = re.compile(layers)
+    except re.error as e:
+        raise ValueError(f"layers: {layers!r} is not a regular expression ({e})") from None
+    return lambda name: bool(pattern.search(name))
+
+
 def load_run(run_dir: str | Path, *, checkpoint: str = "final", layers: str | None = None) -> Run:
     """Load a ``hessjax finetune`` run: data, weights, anchor, per-example loss and layers.
 
@@ -422,14 +564,13 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "final", layers: str | No
     import jax.numpy as jnp
 
     from hessjax.partition import layer_partition
-    from hessjax.train import restore_checkpoint, split_model
+    from hessjax.train import Checkpointer, split_model
 
     run = Path(run_dir)
-    if not (run / "config.json").exists():
-        raise ValueError(f"run: {run} has no config.json (not a `hessjax finetune` directory)")
     if checkpoint not in ("final", "best", "anchor"):
         raise ValueError(f"checkpoint: expected 'final', 'best' or 'anchor', got {checkpoint!r}")
-    cfg = json.loads((run / "config.json").read_text())
+    select = _layer_selector(layers)
+    cfg = _read_config(run)
     splits = _with_trunk(_splits(cfg)[0], _first_block(cfg))
     model = _make_model(cfg, splits)
     anchor = _pure_state(model)
@@ -439,11 +580,11 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "final", layers: str | No
     elif checkpoint == "anchor":
         state = saved_anchor
     else:
-        import orbax.checkpoint as ocp
-
-        mgr = ocp.CheckpointManager((run / "checkpoints" / "best").absolute(),
-                                    item_names=("state", "meta"))  # fmt: skip
-        state, _ = restore_checkpoint(mgr, anchor)
+        ckpt = Checkpointer(run)
+        try:
+            state = ckpt.restore_best(anchor)[0]
+        finally:
+            ckpt.close()
     _load_into(model, state)
     _, geval, params_state, rest_state = split_model(model)
     rest = state["rest"]
@@ -455,14 +596,15 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "final", layers: str | No
     params = state["params"]
     later = cfg["model"] == "mobilenet_v2" and not _first_block(cfg)
     if layers is None:
-        select = _mobilenet_layers if later else "kernel"
+        select = _mobilenet_layers if later else (lambda n: "kernel" in n)
         layer_desc = "features.14-18 and the head (later blocks only)" if later else "all kernels"
         if _first_block(cfg):
             layer_desc = f"all fine-tuned kernels (features.{_first_block(cfg)}-18 and the head)"
     else:
-        select, layer_desc = layers, f"kernels matching {layers!r}"
-    sel = select if callable(select) else (lambda n, r=re.compile(select): bool(r.search(n)))
-    part = layer_partition(params, select=lambda n, leaf: jnp.ndim(leaf) >= 2 and sel(n))
+        layer_desc = f"kernels matching {layers!r}"
+    part = layer_partition(params, select=lambda n, leaf: jnp.ndim(leaf) >= 2 and select(n))
+    if part.num_layers == 0:
+        raise ValueError(f"layers: {layers!r} selects no kernel of the model")
     return Run(cfg, splits, model, params, saved_anchor["params"], example_loss, part, layer_desc,
                rest, state_loss)  # fmt: skip
 
@@ -492,7 +634,7 @@ def measure_run(
 
     Args:
       run_dir: a ``hessjax finetune`` output directory.
-      num_examples: examples the max runs over.
+      num_examples: examples the max runs over (None: every training example).
       num_iters: Lanczos steps.
       chunk_size: examples vmapped at once.
       layers: a regular expression selecting the measured kernels (path names); default all
@@ -525,10 +667,11 @@ def measure_run(
         raise ValueError(f"variant: expected canonical, reference or both, got {variant!r}")
     if checkpoint not in ("final", "best"):
         raise ValueError(f"checkpoint: expected 'final' or 'best', got {checkpoint!r}")
+    _check_measure_options(num_examples, num_iters, chunk_size, seed, trace_probes)
     r = load_run(run_dir, checkpoint=checkpoint, layers=layers)
     splits, model, params, part = r.splits, r.model, r.params, r.partition
     n = len(splits.train_labels)
-    m = min(num_examples, n)
+    m = n if num_examples is None else min(num_examples, n)
     idx = np.random.default_rng(seed).permutation(n)[:m]
     examples = (jnp.asarray(splits.train_images[idx]), jnp.asarray(splits.train_labels[idx]))
     from hessjax.train import evaluate
@@ -549,6 +692,11 @@ def measure_run(
         "gap": te["loss"] - tr["loss"],
         "loss_bound_C": tr["max_loss"],
     }
+    if not (np.isfinite(tr["loss"]) and np.isfinite(tr["max_loss"])):
+        raise ValueError(
+            f"run: the model of {run_dir} has a non-finite training loss (mean "
+            f"{tr['loss']}, max {tr['max_loss']}): no measure or bound"
+        )
     c = max(tr["max_loss"], 1e-12)
     # The measures run on {"params", "rest"} with the run's stable state_loss (compiled once
     # per model structure); the partition selects the same kernels under "params/".
@@ -598,6 +746,18 @@ def measure_run(
     out["measure"] = out[variants[0]]["measure"]
     out["bound"] = out[variants[0]]["bound"]
     return out
+
+
+def _check_measure_options(num_examples, num_iters, chunk_size, seed, trace_probes) -> None:
+    for name, value, lo, none_ok in (("num_examples", num_examples, 1, True),
+                                     ("num_iters", num_iters, 1, False),
+                                     ("chunk_size", chunk_size, 1, True),
+                                     ("seed", seed, 0, False),
+                                     ("trace_probes", trace_probes, 0, False)):  # fmt: skip
+        if value is None and none_ok:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lo:
+            raise ValueError(f"{name}: expected an int >= {lo}, got {value!r}")
 
 
 # ------------------------------------------------------------------------------ demo
@@ -755,8 +915,8 @@ def _finetune_defaults() -> dict[str, Any]:
     parser = _parser()
     args = parser.parse_args(["finetune"])
     d = vars(args)
-    d.pop("func", None)
-    d.pop("command", None)
+    for key in ("func", "command", "debug"):
+        d.pop(key, None)
     return d
 
 
@@ -775,7 +935,7 @@ def _add_data_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None
     )
     p.add_argument(
         "--train-from",
-        type=int,
+        type=_NONNEG,
         default=0,
         help="mobilenet_v2: fine-tune features.N-18 and the head only; blocks 0..N-1 stay at "
         "their pretrained weights (eval mode) and their outputs are computed once per image "
@@ -783,48 +943,50 @@ def _add_data_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None
     )
     p.add_argument(
         "--n-per-class",
-        type=int,
+        type=_POSITIVE,
         default=50,
         help="training examples per class (default %(default)s)",
     )
     p.add_argument(
         "--val-size",
-        type=int,
+        type=_POSITIVE,
         default=500,
         help="clean validation examples carved from the training split",
     )
-    p.add_argument("--test-size", type=int, default=1000, help="clean test examples kept")
+    p.add_argument("--test-size", type=_POSITIVE, default=1000, help="clean test examples kept")
     p.add_argument(
         "--image-size",
-        type=int,
+        type=_POSITIVE,
         default=32,
         help="resize images to this size (default %(default)s)",
     )
     p.add_argument(
         "--noise-rate",
-        type=float,
+        type=_float_in(0.0, 1.0),
         default=0.4,
         help="label-noise rate rho of the training labels (default %(default)s)",
     )
-    p.add_argument("--epochs", type=int, default=15 if demo else 10, help="training epochs")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per step")
-    p.add_argument("--seed", type=int, default=0, help="seeds data, noise, order, dropout")
+    p.add_argument("--epochs", type=_POSITIVE, default=15 if demo else 10, help="training epochs")
+    p.add_argument(
+        "--lr", type=_POSITIVE_FLOAT, default=1e-4, help="learning rate (default %(default)s)"
+    )
+    p.add_argument("--batch-size", type=_POSITIVE, default=32, help="examples per step")
+    p.add_argument("--seed", type=_NONNEG, default=0, help="seeds data, noise, order, dropout")
     p.add_argument(
         "--radius",
-        type=float,
+        type=_POSITIVE_FLOAT,
         default=_MOBILENET_RADII[0],
         help="constraint radius D of the first stage (default %(default)s)",
     )
     p.add_argument(
         "--radius-scale",
-        type=float,
+        type=_POSITIVE_FLOAT,
         default=_MOBILENET_RADII[1],
         help="radius growth s per stage: D * s^stage (default %(default)s)",
     )
     p.add_argument(
         "--head-radius",
-        type=float,
+        type=_POSITIVE_FLOAT,
         default=_MOBILENET_RADII[2],
         help="radius of the new head around zero (default %(default)s)",
     )
@@ -846,6 +1008,11 @@ def _add_mesh_options(p: argparse.ArgumentParser) -> None:
         "processes and process id from HESSJAX_COORDINATOR_ADDRESS, HESSJAX_NUM_PROCESSES, "
         "HESSJAX_PROCESS_ID, or auto-detected); --devices then counts all hosts' devices",
     )
+
+
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the traceback instead of one line")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -878,14 +1045,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument(
         "--assumed-rate",
-        type=float,
+        type=_float_in(0.0, 1.0),
         default=None,
         help="rate of the symmetric T (default: --noise-rate)",
     )
     f.add_argument("--optimizer", default="adam", choices=("adam", "amsgrad", "adamw", "sgd"))
     f.add_argument(
         "--lr-decay-every",
-        type=int,
+        type=_POSITIVE,
         default=10,
         help="multiply the learning rate by 0.1 every this many epochs",
     )
@@ -895,10 +1062,10 @@ def _parser() -> argparse.ArgumentParser:
         help="stop after --patience epochs without better clean val accuracy "
         "(always on for plain_es) and keep the best parameters",
     )
-    f.add_argument("--patience", type=int, default=5, help="early-stopping patience")
-    f.add_argument("--penalty", type=float, default=1e-2, help="L2-SP lambda")
-    f.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    f.add_argument("--gce-q", type=float, default=0.7, help="GCE q")
+    f.add_argument("--patience", type=_POSITIVE, default=5, help="early-stopping patience")
+    f.add_argument("--penalty", type=_float_in(0.0), default=1e-2, help="L2-SP lambda")
+    f.add_argument("--smoothing", type=_float_in(0.0, 1.0), default=0.1, help="label smoothing")
+    f.add_argument("--gce-q", type=_float_in(0.0, 1.0, open_lo=True), default=0.7, help="GCE q")
     f.add_argument(
         "--norm",
         default="frobenius",
@@ -907,12 +1074,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument(
         "--max-steps",
-        type=int,
+        type=_POSITIVE,
         default=None,
         help="stop (after a checkpoint) at this many steps; rerun to continue",
     )
     f.add_argument(
-        "--checkpoint-every", type=int, default=None, help="also checkpoint every this many steps"
+        "--checkpoint-every",
+        type=_POSITIVE,
+        default=None,
+        help="also checkpoint every this many steps",
     )
     f.add_argument("--output-dir", default="runs/finetune", help="where everything goes")
     f.add_argument(
@@ -922,16 +1092,20 @@ def _parser() -> argparse.ArgumentParser:
         help="continue from the output directory's last checkpoint",
     )
     _add_mesh_options(f)
+    _add_debug(f)
     f.set_defaults(func=_cmd_finetune)
 
     m = sub.add_parser("measure", help="Hessian distance report and bound of a finetune run",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     m.add_argument("run", help="a `hessjax finetune` output directory")
     m.add_argument(
-        "--examples", type=int, default=16, help="training examples the max over examples runs over"
+        "--examples",
+        type=_int_at_least(1, all_ok=True),
+        default=16,
+        help="training examples the max over examples runs over (an int or 'all')",
     )
-    m.add_argument("--num-iters", type=int, default=8, help="Lanczos steps")
-    m.add_argument("--chunk-size", type=int, default=1,
+    m.add_argument("--num-iters", type=_POSITIVE, default=8, help="Lanczos steps")
+    m.add_argument("--chunk-size", type=_POSITIVE, default=1,
                    help="examples vmapped at once (1 is fastest on CPU for conv nets)")  # fmt: skip
     m.add_argument(
         "--layers",
@@ -946,20 +1120,22 @@ def _parser() -> argparse.ArgumentParser:
         help="the paper's measure, the reference code's, or both",
     )
     m.add_argument("--checkpoint", default="final", choices=("final", "best"))
-    m.add_argument("--seed", type=int, default=0, help="which training examples")
+    m.add_argument("--seed", type=_NONNEG, default=0, help="which training examples")
     m.add_argument("--output", default=None, help="JSON file (default: RUN/measure.json)")
     _add_mesh_options(m)
+    _add_debug(m)
     m.set_defaults(func=_cmd_measure)
 
     d = sub.add_parser("demo", help="plain vs robust fine-tuning of MobileNetV2 on noisy "
                        "Fashion-MNIST; table, plot and JSON",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     _add_data_options(d, demo=True)
-    d.add_argument("--examples", type=int, default=64, help="examples for the measure")
-    d.add_argument("--num-iters", type=int, default=4, help="Lanczos steps for the measure")
-    d.add_argument("--chunk-size", type=int, default=1,
+    d.add_argument("--examples", type=_POSITIVE, default=64, help="examples for the measure")
+    d.add_argument("--num-iters", type=_POSITIVE, default=4, help="Lanczos steps for the measure")
+    d.add_argument("--chunk-size", type=_POSITIVE, default=1,
                    help="examples vmapped at once (1 is fastest on CPU for conv nets)")  # fmt: skip
     d.add_argument("--output-dir", default="runs/demo", help="where everything goes")
+    _add_debug(d)
     d.set_defaults(func=_cmd_demo)
     return parser
 
@@ -970,14 +1146,33 @@ def _cmd_finetune(args) -> int:
     cfg.pop("command")
     progress = not cfg.pop("no_progress")
     cfg.pop("distributed", None)
+    cfg.pop("debug", None)
     if cfg["method"] == "plain_es":
         cfg["early_stopping"] = True
     res = run_finetune(cfg, progress=progress)
+    if res.get("already_finished"):
+        print(f"hessjax finetune: {cfg['output_dir']} already holds this run, finished; "
+              "its results:", file=sys.stderr)  # fmt: skip
     print(json.dumps({k: v for k, v in res.items() if k != "history"}, indent=2))
     return 0
 
 
+def _output_file(path: Path) -> Path:
+    """Check, before any computation, that ``path`` can be written (names ``--output``)."""
+    import os
+
+    parent = path.absolute().parent
+    if path.is_dir():
+        raise ValueError(f"--output: {path} is a directory; give a file name")
+    if not parent.is_dir():
+        raise ValueError(f"--output: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"--output: {path} is not writable")
+    return path
+
+
 def _cmd_measure(args) -> int:
+    path = _output_file(Path(args.output) if args.output else Path(args.run) / "measure.json")
     out = measure_run(args.run, num_examples=args.examples, num_iters=args.num_iters,
                       chunk_size=args.chunk_size, layers=args.layers, variant=args.variant,
                       checkpoint=args.checkpoint, seed=args.seed,
@@ -989,8 +1184,7 @@ def _cmd_measure(args) -> int:
             print(f"bound (Theorem 2.1, no xi): {out[v]['bound']:.6g}  "
                   f"train loss {out['train_loss']:.4g}, test loss {out['test_loss']:.4g}, "
                   f"gap {out['gap']:.4g}, C {out['loss_bound_C']:.4g}")  # fmt: skip
-    path = Path(args.output) if args.output else Path(args.run) / "measure.json"
-    path.write_text(json.dumps(out, indent=2))
+    _write_json(path, out)
     return 0
 
 
@@ -1006,7 +1200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       argv: the arguments (default ``sys.argv[1:]``).
 
     Returns:
-      The exit status.
+      The exit status: 0, or 2 for an error (one line on stderr naming the option or file;
+      with ``--debug`` the exception propagates with its traceback).
 
     Example:
       >>> main(["finetune", "--dataset", "digits", "--model", "tiny_cnn", "--epochs", "1",
@@ -1020,9 +1215,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         initialize_distributed()
     try:
         return args.func(args)
-    except ValueError as e:
-        print(f"hessjax {args.command}: error: {e}", file=sys.stderr)
-        raise
+    except (ValueError, TypeError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"hessjax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: the message, or for an OSError its file and reason."""
+    if isinstance(e, OSError) and e.filename is not None:
+        text = f"{e.filename}: {e.strerror or e}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

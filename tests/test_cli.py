@@ -36,17 +36,21 @@ def test_finetune_then_measure(tmp_path, capsys):
     assert m["canonical"]["bound"] >= m["train_loss"]
 
 
-def test_mismatched_resume_is_a_clear_error(tmp_path):
+def test_mismatched_resume_is_a_clear_error(tmp_path, capsys):
     out = str(tmp_path / "run")
     base = ["finetune", *TINY, "--epochs", "1", "--max-steps", "1", "--output-dir", out]
     main(base)
-    with pytest.raises(ValueError, match="config.lr"):
-        main([*base, "--lr", "0.5"])
+    capsys.readouterr()
+    assert main([*base, "--lr", "0.5"]) == 2
+    assert "config.lr" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="config.lr"):  # --debug: the exception itself
+        main([*base, "--lr", "0.5", "--debug"])
 
 
-def test_measure_without_a_run_names_it(tmp_path):
-    with pytest.raises(ValueError, match="config.json"):
-        main(["measure", str(tmp_path)])
+def test_measure_without_a_run_names_it(tmp_path, capsys):
+    assert main(["measure", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and len(err.strip().splitlines()) == 1
 
 
 def test_help_documents_every_option(capsys):
@@ -113,7 +117,7 @@ def test_measure_run_equals_measure_of_the_runs_closure(tmp_path):
         assert [row["layer"] for row in rows] == list(r.partition.names)
 
 
-def test_train_from_fine_tunes_the_later_blocks_only(tmp_path):
+def test_train_from_fine_tunes_the_later_blocks_only(tmp_path, capsys):
     """--train-from 17: the model holds features.17-18 and the head; the frozen blocks'
     outputs are its input; measure covers exactly the fine-tuned kernels."""
     out = tmp_path / "run"
@@ -131,5 +135,6 @@ def test_train_from_fine_tunes_the_later_blocks_only(tmp_path):
                              "features/17/conv/1/0/kernel", "features/17/conv/2/kernel",
                              "features/18/0/kernel"]  # fmt: skip
     assert "features.17-18" in m["layers"]
-    with pytest.raises(ValueError, match="train_from"):
-        main(["finetune", *TINY, "--train-from", "3", "--output-dir", str(tmp_path / "x")])
+    capsys.readouterr()
+    assert main(["finetune", *TINY, "--train-from", "3", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "train_from" in capsys.readouterr().err
