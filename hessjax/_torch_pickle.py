@@ -247,16 +247,36 @@ def _read_zip(f: BinaryIO) -> Any:
                 name = f"{prefix}data/{key}"
                 if name not in names:
                     raise ValueError(f"zip archive lacks the storage file {name}")
-                data = archive.read(name)
-                if len(data) < numel * dtype.itemsize:
-                    raise ValueError(f"storage {name}: {len(data)} bytes, expected {numel}")
+                nbytes = numel * dtype.itemsize
+                info = archive.getinfo(name)
+                if info.file_size > nbytes:
+                    # the declared tensor size caps what is inflated (no zip bombs)
+                    raise ValueError(
+                        f"storage {name}: the archive declares {info.file_size} bytes, more "
+                        f"than the {nbytes} of its {numel} elements"
+                    )
+                with archive.open(name) as g:
+                    data = g.read(nbytes + 1)
+                if len(data) != nbytes:
+                    raise ValueError(f"storage {name}: {len(data)} bytes, expected {nbytes}")
                 order = dtype if little else dtype.newbyteorder(">")
                 storages[key] = np.frombuffer(data, order, count=numel).astype(dtype)
             return storages[key]
 
+        if archive.getinfo(pkl[0]).file_size > _MAX_PICKLE_BYTES:
+            raise ValueError(
+                f"{pkl[0]}: the object pickle is larger than {_MAX_PICKLE_BYTES} bytes"
+            )
         with archive.open(pkl[0]) as g:
-            result = RestrictedUnpickler(io.BytesIO(g.read()), load_storage).load()
+            data = g.read(_MAX_PICKLE_BYTES + 1)
+        if len(data) > _MAX_PICKLE_BYTES:
+            raise ValueError(f"{pkl[0]}: the object pickle inflates past {_MAX_PICKLE_BYTES} bytes")
+        result = RestrictedUnpickler(io.BytesIO(data), load_storage).load()
     return _materialise(result)
+
+
+# The object pickle holds names and tensor geometry only (the data lie in storage files).
+_MAX_PICKLE_BYTES = 64 << 20
 
 
 def read_torch_file(path: str | os.PathLike) -> Any:
@@ -271,14 +291,26 @@ def read_torch_file(path: str | os.PathLike) -> Any:
 
     Raises:
         UnsafePickleError: the pickle refers to a global outside the allow-list.
-        ValueError: the file is not a torch.save file or is truncated.
+        ValueError: the file is empty, truncated, corrupt or not a torch.save file (the
+            message names the file).
     """
     with open(path, "rb") as f:
-        if zipfile.is_zipfile(f):
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ValueError(f"{path}: empty file, not a torch.save file")
+        try:
+            if zipfile.is_zipfile(f):
+                f.seek(0)
+                return _read_zip(f)
             f.seek(0)
-            return _read_zip(f)
-        f.seek(0)
-        return _read_legacy(f)
+            return _read_legacy(f)
+        except UnsafePickleError:
+            raise
+        except (ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError,
+                IndexError, TypeError, struct.error, UnicodeDecodeError, OverflowError,
+                MemoryError) as e:  # fmt: skip
+            raise ValueError(
+                f"{path}: not a readable torch.save file ({type(e).__name__}: {e})"
+            ) from e
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,4 +74,22 @@ def displacement(params: PyTree, anchor: PyTree) -> PyTree:
       TypeError: a leaf dtype differs.
     """
     check_like(params, anchor, "anchor")
+    for name, tree in (("params", params), ("anchor", anchor)):
+        check_finite_tree(tree, name)
     return jax.tree_util.tree_map(jnp.subtract, params, anchor)
+
+
+def check_finite_tree(tree: PyTree, name: str) -> None:
+    """A ValueError naming the first leaves of a concrete ``tree`` that hold NaN or inf."""
+    if not is_concrete(tree):
+        return
+    from hessjax.partition import path_name
+
+    bad = [
+        path_name(path)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+        and not bool(jnp.all(jnp.isfinite(leaf)))
+    ]
+    if bad:
+        raise ValueError(f"{name}: non-finite values (NaN/inf) in leaves {bad[:5]}")

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import struct
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Raises:
         FileNotFoundError: no such file.
         ValueError: not a recognisable weights file, or a value that is not a tensor.
+
+    Warns:
+        RuntimeWarning: tensors holding NaN or inf (named).
         hessjax._torch_pickle.UnsafePickleError: the pickle names a non-tensor global.
 
     Example:
@@ -148,6 +152,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     keys = list(obj)
     if keys and all(k.startswith("module.") for k in keys):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
+    nonfinite = [k for k, v in obj.items()
+                 if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]  # fmt: skip
+    if nonfinite:
+        warnings.warn(
+            f"{path}: {len(nonfinite)} tensors hold NaN or inf values: {nonfinite[:10]}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return dict(obj)
 
 
