@@ -205,18 +205,28 @@ def _project_leaf(u: jax.Array, p: jax.Array, a: jax.Array, radius: Any, norm: s
 # public
 
 
-def _anchored_transform(name, per_leaf, what, anchor, state_cls, leaf_fn):
+def _anchored_transform(name, per_leaf, what, anchor, state_cls, leaf_fn, value_shapes=None):
     """The shared shape of the anchor transforms: per-leaf values, the anchor in the state.
 
     ``leaf_fn(update, param, anchor, value)`` maps one constrained leaf's update; leaves whose
-    value is ``None`` (free) keep their update.
+    value is ``None`` (free) keep their update. ``value_shapes(param_shape)``, when given,
+    lists the value shapes that have a meaning for a leaf of that shape.
     """
 
     def init_fn(params):
         params = _unbox(params)
         values = _per_leaf(per_leaf, params, what)
-        names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        names = [path_name(p) for p, _ in flat]
         _check_nonnegative(values, names, what)
+        if value_shapes is not None:
+            for lname, (_, p), v in zip(names, flat, values, strict=True):
+                ok = value_shapes(jnp.shape(p))
+                if v is not None and jnp.shape(v) not in ok:
+                    raise ValueError(
+                        f"{what}: the value for {lname!r} has shape {jnp.shape(v)}; for a leaf "
+                        f"of shape {jnp.shape(p)} this norm takes shapes {sorted(set(ok))}"
+                    )
         return state_cls(anchor=_anchor_tree(params, anchor, values, "anchor"))
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -301,7 +311,17 @@ def project_to_anchor(
         anchor,
         ProjectToAnchorState,
         lambda u, p, a, r: _project_leaf(u, p, a, r, norm),
+        value_shapes=lambda shape: _RADIUS_SHAPES[norm](shape),
     )
+
+
+# The radius shapes each norm gives a meaning to: one ball per leaf (Frobenius), one per
+# output unit (inf-op: the last axis of a flax kernel), one interval per entry (elementwise).
+_RADIUS_SHAPES = {
+    "frobenius": lambda shape: [()],
+    "inf_op": lambda shape: [(), (shape[-1],) if shape else ()],
+    "elementwise": lambda shape: [(), tuple(shape)] + ([(shape[-1],)] if shape else []),
+}
 
 
 def anchor_penalty(

@@ -130,7 +130,7 @@ def lanczos(
       A :class:`LanczosResult` ``(alphas, betas, basis, num_valid)``.
 
     Raises:
-      ValueError: ``num_iters < 1``, or ``v0`` does not match ``partition``.
+      ValueError: ``num_iters < 1``, ``v0`` does not match ``partition`` or holds NaN/inf.
       TypeError: non-integer ``num_iters``, non-float ``v0``.
 
     Example:
@@ -146,6 +146,10 @@ def lanczos(
     """
     num_iters = _check_int("num_iters", num_iters)
     part, per_layer = _layout(v0, partition, "v0")
+    leaves = jax.tree.leaves(v0)
+    if not any(isinstance(x, jax.core.Tracer) for x in leaves):
+        if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
+            raise ValueError("v0: the start vector holds NaN or inf values")
     res = _lanczos(matvec, v0, num_iters, part)
     if per_layer:
         return res

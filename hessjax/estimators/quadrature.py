@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hessjax.estimators._base import (
     Estimate,
@@ -279,8 +280,10 @@ def spectral_density(
     num_iters = _check_int("num_iters", num_iters)
     num_grid = _check_int("num_grid", num_grid, minimum=2)
     _check_chunk(chunk_size)
-    if sigma is not None and isinstance(sigma, int | float) and not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if sigma is not None and not isinstance(sigma, jax.core.Tracer):
+        s_arr = np.asarray(sigma)
+        if s_arr.shape != () or not np.isfinite(s_arr) or not s_arr > 0:
+            raise ValueError(f"sigma: expected a finite scalar > 0, got {sigma!r}")
     if grid is not None and jnp.ndim(grid) != 1:
         raise ValueError(f"grid must be 1-D, got shape {jnp.shape(grid)}")
     part, _ = _layout(like, None, "like")
