@@ -602,9 +602,10 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "final", layers: str | No
             layer_desc = f"all fine-tuned kernels (features.{_first_block(cfg)}-18 and the head)"
     else:
         layer_desc = f"kernels matching {layers!r}"
-    part = layer_partition(params, select=lambda n, leaf: jnp.ndim(leaf) >= 2 and select(n))
-    if part.num_layers == 0:
-        raise ValueError(f"layers: {layers!r} selects no kernel of the model")
+    try:
+        part = layer_partition(params, select=lambda n, leaf: jnp.ndim(leaf) >= 2 and select(n))
+    except ValueError as e:
+        raise ValueError(f"layers: {layers!r} selects no kernel of the model ({e})") from None
     return Run(cfg, splits, model, params, saved_anchor["params"], example_loss, part, layer_desc,
                rest, state_loss)  # fmt: skip
 

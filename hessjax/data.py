@@ -243,6 +243,8 @@ def load_dataset(
 def _rng(seed: Any, *stream: int) -> np.random.Generator:
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise TypeError(f"seed: expected an int, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed}")
     return np.random.default_rng([int(seed), *stream])
 
 

@@ -453,6 +453,10 @@ def layerwise_radii(
     References:
       Ju, Li & Zhang, ICML 2022, section 3 (radii growing with depth).
     """
+    for argname, value in (("base", base), ("scale_factor", scale_factor),
+                           ("head_radius", head_radius)):  # fmt: skip
+        if value is not None:
+            _check_nonnegative([value], [argname], argname)
     if callable(head):
         is_head = head
     else:

@@ -14,12 +14,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hessjax import estimators
 from hessjax.hvp import block_hvp_fn, chunked_vmap, hvp
 from hessjax.measures._checks import (
     check_static_int,
     displacement,
+    is_concrete,
     num_examples,
     resolve_partition,
 )
@@ -278,6 +280,14 @@ def noise_stability(
     part = resolve_partition(params, partition)
     num_draws = check_static_int(num_draws, "num_draws", 2)
     num_probes = check_static_int(num_probes, "num_probes")
+    if is_concrete(sigma):
+        s_arr = np.asarray(sigma)
+        if (
+            not np.issubdtype(s_arr.dtype, np.number)
+            or not np.all(np.isfinite(s_arr))
+            or np.any(s_arr < 0)
+        ):
+            raise ValueError(f"sigma: expected a finite noise scale >= 0, got {sigma!r}")
     return _noise_stability(
         loss_fn, params, batch, key, sigma, part, num_draws=num_draws, num_probes=num_probes
     )
