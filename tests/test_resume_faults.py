@@ -1,7 +1,8 @@
 """Fault injection: a run killed at any checkpoint boundary resumes bit-identically.
 
 The loop kills itself (SIGKILL) at the k-th time a checkpoint write begins (``save_begin``),
-has written its versions (``save_end``) or has committed them (``commit_end``), through the
+has written best/ but not last/ (``best_end``), has written its versions (``save_end``) or has
+committed them (``commit_end``), through the
 ``HESSJAX_FAULT`` hook of :mod:`hessjax.train.checkpoint`. The killed run is resumed by the
 same command; its final parameters and metrics must equal an uninterrupted run's exactly. The
 full sweep (every boundary of a tiny run, SIGTERM) is ``slow``; one kill, an interrupt
@@ -100,8 +101,8 @@ def _kill_and_resume(tmp_path, point, k, reference):
 
 
 def test_kill_after_a_write_resumes_bit_identically(tmp_path, reference):
-    # the epoch end (commit 3): best/ written, the record not yet updated
-    _kill_and_resume(tmp_path, "save_end", 3, reference)
+    # the first epoch end: best/ written, last/ and the record not yet
+    _kill_and_resume(tmp_path, "best_end", 1, reference)
 
 
 @pytest.mark.slow

@@ -38,7 +38,14 @@ from hessjax.partition import path_name
 
 PyTree = Any
 
-__all__ = ["Checkpointer", "RunLock", "load_tree", "replace_tree", "restore_checkpoint", "save_tree"]
+__all__ = [
+    "Checkpointer",
+    "RunLock",
+    "load_tree",
+    "replace_tree",
+    "restore_checkpoint",
+    "save_tree",
+]
 
 _FORMAT = 1
 FAULT_ENV = "HESSJAX_FAULT"
@@ -46,7 +53,8 @@ FAULT_ENV = "HESSJAX_FAULT"
 
 def _fault(point: str) -> None:
     """Test hook: ``HESSJAX_FAULT="<point>:<k>"`` kills this process (SIGKILL) the k-th time
-    ``point`` is reached (points: ``save_begin``, ``save_end``, ``commit_end``)."""
+    ``point`` is reached (points: ``save_begin``, ``best_end`` (best/ written, last/ not yet),
+    ``save_end``, ``commit_end``)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
@@ -319,6 +327,7 @@ class Checkpointer:
             self._save("best", version, best, meta)
             record["best"] = version
             version += 1
+            _fault("best_end")
         self._save("last", version, state, meta)
         record["last"] = version
         _fault("save_end")
