@@ -9,7 +9,10 @@ Public API (also at ``hessjax.<name>``):
   (``pretrained_mobilenet_v2(first_block=k)`` is the rest of the network);
 * :func:`load_state_dict` / :func:`save_state_dict`: ``.pth`` (legacy and zip ``torch.save``,
   through a restricted unpickler) and ``.safetensors`` files <-> ``{name: numpy array}``;
-* :func:`load_torch_weights` / :func:`to_torch_state_dict`: state dict <-> model.
+* :func:`load_torch_weights` / :func:`to_torch_state_dict`: state dict <-> model;
+* :class:`BertModel` (Hugging Face names, built from ``config.json``), :class:`BertClassifier`
+  (pooling, dropout, zero head), :func:`pretrained_bert`, :func:`bert_classifier`,
+  :func:`bert_tokenizer` and :func:`minilm_path` (all-MiniLM-L6-v2, offline): text models.
 """
 
 from __future__ import annotations
@@ -21,6 +24,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hessjax.models.bert import (
+    BertClassifier,
+    BertConfig,
+    BertModel,
+    bert_layer_depth,
+    bert_measured_layer,
+)
+from hessjax.models.bert_io import (
+    bert_classifier,
+    bert_tokenizer,
+    load_bert_state_dict,
+    load_bert_weights,
+    minilm_path,
+    pretrained_bert,
+    to_hf_state_dict,
+)
 from hessjax.models.mobilenet import Frozen, InvertedResidual, MobileNetV2, check_first_block
 from hessjax.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from hessjax.models.weights import (
@@ -33,6 +52,18 @@ from hessjax.models.weights import (
 
 __all__ = [
     "BasicBlock",
+    "BertClassifier",
+    "BertConfig",
+    "BertModel",
+    "bert_classifier",
+    "bert_layer_depth",
+    "bert_measured_layer",
+    "bert_tokenizer",
+    "load_bert_state_dict",
+    "load_bert_weights",
+    "minilm_path",
+    "pretrained_bert",
+    "to_hf_state_dict",
     "Bottleneck",
     "Frozen",
     "InvertedResidual",
