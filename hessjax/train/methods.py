@@ -212,16 +212,24 @@ def mobilenet_v2_stage_depth(name: str) -> int | None:
 
 
 def default_depth(name: str) -> int | None:
-    """Depth function used when none is given: MobileNetV2 / ResNet stages, else 0 for kernels.
+    """Depth function used when none is given: MobileNetV2 / ResNet stages, BERT's encoder
+    layer index (:func:`hessjax.models.bert.bert_layer_depth`), else 0 for kernels.
 
     Example:
       >>> default_depth("layer4/0/conv1/kernel"), default_depth("conv1/kernel"), default_depth(
       ...     "conv1/bias")
       (2, 0, None)
+      >>> default_depth("bert/encoder/layer/4/output/dense/kernel"), default_depth(
+      ...     "bert/embeddings/word_embeddings/embedding")
+      (4, None)
     """
     if name.startswith("features/"):
         return mobilenet_v2_stage_depth(name)
     parts = name.split("/")
+    if "encoder" in parts or "embeddings" in parts:  # BERT-family text encoders
+        from hessjax.models.bert import bert_layer_depth
+
+        return bert_layer_depth(name)
     if any(p in ("layer1", "layer2", "layer3", "layer4") for p in parts):
         return resnet_stage_depth(name)
     return 0 if parts[-1] == "kernel" else None
