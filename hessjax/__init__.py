@@ -110,6 +110,15 @@ _EXPORTS: dict[str, str] = {
     "load_torch_weights": "models",
     "to_torch_state_dict": "models",
     "mobilenet_v2_weights_path": "models",
+    "BertConfig": "models",
+    "BertModel": "models",
+    "BertClassifier": "models",
+    "pretrained_bert": "models",
+    "bert_classifier": "models",
+    "bert_tokenizer": "models",
+    "minilm_path": "models",
+    # text.py
+    "encode_texts": "text",
     # train.py
     "TrainConfig": "train",
     "Method": "train",
@@ -143,6 +152,7 @@ _SUBMODULES = (
     "noise",
     "transforms",
     "data",
+    "text",
     "models",
     "train",
     "cli",

@@ -8,7 +8,10 @@ Sources (:func:`load_dataset`):
 * ``"digits"``: scikit-learn's ``load_digits`` (1797 grey 8x8 images, 10 classes, bundled
   with scikit-learn), split by order: the first 1437 are "train", the last 360 "test";
 * ``"tfds:<name>"``: any tensorflow-datasets dataset prepared in ``data_dir`` (array_record
-  format), read through ``tfds.data_source`` (no TensorFlow needed).
+  format), read through ``tfds.data_source`` (no TensorFlow needed);
+* ``"amazon_reviews"``, ``"tweet_source"`` (optionally ``":<max_length>"``): labelled text
+  (:mod:`hessjax.text`) as int32 token arrays ``(n, 3, max_length)`` = ids, attention mask,
+  token type ids, tokenised once and cached (``data_dir``: the cache folder).
 
 Images are float32 NHWC in [0, 1], labels int32. :func:`load_splits` builds the experiment's
 train / validation / test arrays: validation carved from train (stratified, seeded), an
@@ -197,7 +200,14 @@ def _load(name: str, split: str, data_dir=None, image_key="image", label_key="la
         return _digits(split)
     if name.startswith("tfds:") and len(name) > len("tfds:"):
         return _tfds(name[len("tfds:") :], split, data_dir, image_key, label_key)
-    raise ValueError(f"name: expected 'fashion_mnist', 'digits' or 'tfds:<dataset>', got {name!r}")
+    from hessjax.text import is_text_dataset, load_text
+
+    if is_text_dataset(name):
+        return load_text(name, split, cache_dir=data_dir)
+    raise ValueError(
+        "name: expected 'fashion_mnist', 'digits', 'tfds:<dataset>' or a text data set "
+        f"('amazon_reviews', 'tweet_source'), got {name!r}"
+    )
 
 
 def load_dataset(
@@ -214,14 +224,16 @@ def load_dataset(
     tfds dataset is read example by example (about 10k examples/s).
 
     Args:
-        name: ``"fashion_mnist"``, ``"digits"`` or ``"tfds:<name>"`` (e.g. ``"tfds:mnist"``).
+        name: ``"fashion_mnist"``, ``"digits"``, ``"tfds:<name>"`` (e.g. ``"tfds:mnist"``)
+            or a text data set (``"amazon_reviews"``, ``"tweet_source"``, ``":<length>"``).
         split: ``"train"`` or ``"test"``; for tfds any split string it accepts
             (``"train[:10%]"``, ``"validation"``).
         data_dir: where the files are (Fashion-MNIST folder / tfds data_dir).
         image_key, label_key: the tfds feature names.
 
     Returns:
-        ``images`` float32 (n, H, W, C) in [0, 1] and ``labels`` int32 (n,).
+        ``images`` float32 (n, H, W, C) in [0, 1] (text: int32 tokens (n, 3, L)) and
+        ``labels`` int32 (n,).
 
     Raises:
         ValueError: unknown ``name`` or ``split``.
@@ -481,6 +493,10 @@ def load_splits(
             test_images, test_labels = test_images[part], test_labels[part]
 
     def prepare(x):
+        if np.issubdtype(x.dtype, np.integer):  # token ids (text): nothing to resize
+            if imagenet:
+                raise ValueError(f"imagenet: {name!r} is a text data set, not images")
+            return x
         if imagenet:
             return imagenet_preprocess(x, size=image_size)
         return resize_images(x, image_size) if image_size is not None else x

@@ -7,7 +7,7 @@
   checkpoints, exact resume), :func:`evaluate`.
 * :mod:`hessjax.train.checkpoint`: :class:`Checkpointer` (the run directory's layout, one
   atomic commit record), :class:`RunLock` (one run per directory), :func:`save_tree`.
-* :mod:`hessjax.train.zoo`: :func:`make_model` (``mobilenet_v2``, ``tiny_cnn``).
+* :mod:`hessjax.train.zoo`: :func:`make_model` (``mobilenet_v2``, ``tiny_cnn``, ``minilm``).
 
 References:
   Ju, Li & Zhang, "Robust Fine-Tuning of Deep Neural Networks with Hessian-based

@@ -1,4 +1,5 @@
-"""Models the command line can build by name: MobileNetV2 (ImageNet weights) and a tiny CNN."""
+"""Models the command line can build by name: MobileNetV2 (ImageNet weights), MiniLM (text), a
+tiny CNN."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from flax import nnx
 
 __all__ = ["MODELS", "TinyCNN", "make_model"]
 
-MODELS = ("mobilenet_v2", "tiny_cnn")
+MODELS = ("mobilenet_v2", "tiny_cnn", "minilm", "minilm_random")
 
 
 class TinyCNN(nnx.Module):
@@ -55,13 +56,17 @@ def make_model(
 
     ``mobilenet_v2``: torchvision's ImageNet MobileNetV2 with a zero head
     (:func:`hessjax.pretrained_mobilenet_v2`; inputs ImageNet-normalised RGB). ``tiny_cnn``:
-    :class:`TinyCNN` initialised from ``seed``.
+    :class:`TinyCNN` initialised from ``seed``. ``minilm``: all-MiniLM-L6-v2 with mean pooling,
+    dropout 0.1 and a zero head (:func:`hessjax.bert_classifier`; inputs token arrays
+    ``(n, 3, seq)`` from a text data set); ``minilm_random``: the same architecture randomly
+    initialised from ``seed`` (the baseline a pretrained encoder must beat).
 
     Args:
       name: one of :data:`MODELS`.
       num_classes: outputs.
-      seed: initialisation seed (tiny_cnn; MobileNetV2 has nothing random).
-      in_channels: input channels (tiny_cnn).
+      seed: initialisation seed (tiny_cnn, minilm_random; the pretrained models have
+        nothing random).
+      in_channels: input channels (tiny_cnn; ignored by the others).
       first_block: MobileNetV2 only: the first block the model holds; its input is then
         :func:`hessjax.models.mobilenet_v2_trunk`'s output (partial fine-tuning).
 
@@ -79,6 +84,10 @@ def make_model(
         from hessjax.models import pretrained_mobilenet_v2
 
         return pretrained_mobilenet_v2(num_classes, first_block=first_block)
+    if name in ("minilm", "minilm_random") and not first_block:
+        from hessjax.models import bert_classifier
+
+        return bert_classifier(num_classes, pretrained=name == "minilm", seed=seed)
     if first_block:
         raise ValueError(
             f"first_block: only mobilenet_v2 can be split, got {first_block} for {name!r}"
