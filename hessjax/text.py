@@ -193,7 +193,7 @@ def load_text(
 
     Example:
         >>> x, y, k = load_text("amazon_reviews:16", "test")  # doctest: +SKIP
-        >>> x.shape, k
+        >>> x.shape, k  # doctest: +SKIP
         ((1000, 3, 16), 2)
     """
     from hessjax.models.bert_io import _folder, bert_tokenizer
