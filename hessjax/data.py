@@ -205,8 +205,8 @@ def _load(name: str, split: str, data_dir=None, image_key="image", label_key="la
     if is_text_dataset(name):
         return load_text(name, split, cache_dir=data_dir)
     raise ValueError(
-        "name: expected 'fashion_mnist', 'digits', 'tfds:<dataset>' or a text data set "
-        f"('amazon_reviews', 'tweet_source'), got {name!r}"
+        "name: expected 'fashion_mnist', 'digits' or 'tfds:<dataset>' (images), or "
+        f"'amazon_reviews', 'tweet_source' (text, optionally ':<length>'), got {name!r}"
     )
 
 
