@@ -31,8 +31,8 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from hessjax.cli import git_commit
 from hessjax.data import load_splits
+from hessjax.experiment import git_commit
 from hessjax.models import bert_classifier
 from hessjax.noise import symmetric_transition
 from hessjax.train import TrainConfig, build_method, evaluate, fit, split_model
@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--c-grid", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     p.add_argument("--skip-finetune-random", action="store_true")
+    p.add_argument("--skip-probe", action="store_true")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="fine-tune only these runs, e.g. pretrained/0.4 random/0")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("experiments/results/text_probe"))
     return p.parse_args(argv)
 
@@ -92,7 +95,7 @@ def main(argv=None) -> None:
     def save():
         (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
-    for noise in args.noise:
+    for noise in [] if args.skip_probe else args.noise:
         t = symmetric_transition(noise, num_classes=2) if noise > 0 else None
         splits = load_splits(name, seed=args.seed, val_size=args.n_val,
                              n_per_class=args.n_per_class, transition=t)  # fmt: skip
@@ -116,6 +119,8 @@ def main(argv=None) -> None:
                              n_per_class=args.n_per_class, transition=t)  # fmt: skip
         for init in ("pretrained", "random"):
             if init == "random" and args.skip_finetune_random:
+                continue
+            if args.only is not None and f"{init}/{noise:g}" not in args.only:
                 continue
             tag = f"noise_{noise:g}"
             model = bert_classifier(2, pretrained=init == "pretrained", seed=args.seed)
