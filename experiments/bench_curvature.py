@@ -360,7 +360,7 @@ def eigen_counts(dim: int, *, seeds: int, power: float, k: int = 5, rel_tol: flo
 # --------------------------------------------------------------------------- main
 def metadata(argv: list[str]) -> dict:
     """Versions, device, CPU count, commit hash and command line of this run."""
-    from hessjax.cli import git_commit
+    from hessjax.experiment import git_commit
 
     commit = git_commit()
     return {

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hessjax.cli import git_commit
+from hessjax.experiment import git_commit
 from hessjax.models import pretrained_mobilenet_v2
 from hessjax.models._layers import DepthwiseConv, depthwise_conv
 

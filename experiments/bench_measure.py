@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import hessjax
-from hessjax.cli import git_commit
+from hessjax.experiment import git_commit
 
 
 def small_cnn(key: jax.Array, num_classes: int = 10):

@@ -208,7 +208,7 @@ def main() -> None:
         )
     import jax
 
-    from hessjax.cli import git_commit
+    from hessjax.experiment import git_commit
 
     commit = git_commit()
     report = {

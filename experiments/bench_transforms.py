@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 import hessjax
-from hessjax.cli import git_commit
+from hessjax.experiment import git_commit
 
 SIZES = (1024, 1536, 1024, 10)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-import hessjax.cli as hessjax_cli
+import hessjax.experiment as hexp
 
 PRESETS = {
     "smoke": dict(dataset="digits", model="tiny_cnn", image_size=8, sizes=[6], epochs=2,
@@ -85,7 +85,7 @@ def classical_log10(run_dir: Path, margin: float) -> dict:
     import jax.numpy as jnp
 
     from hessjax.bounds import log10_spectral_norm_bound_term
-    from hessjax.cli import load_run
+    from hessjax.experiment import load_run
     from hessjax.measures import distances, spectral_norms
 
     r = load_run(run_dir, layers="kernel")
@@ -161,24 +161,24 @@ def plots(rows: list[dict], out: Path) -> None:
 
 def main(argv=None) -> dict:
     """Run the experiment; return the metrics (also written to ``<out>/metrics.json``)."""
-    from hessjax.cli import _finetune_defaults, measure_run, run_finetune
     from hessjax.data import load_splits
+    from hessjax.experiment import RunConfig, finetune, measure_run
 
     args = parse_args(argv)
     if args.compilation_cache:
-        hessjax_cli.use_compilation_cache(args.compilation_cache)
+        hexp.use_compilation_cache(args.compilation_cache)
     c = PRESETS[args.preset]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     specs = run_specs(c)
     config = dict(preset=args.preset, settings=c, seed=args.seed, runs=specs,
                   command=" ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-                  commit=hessjax_cli.git_commit())  # fmt: skip
+                  commit=hexp.git_commit())  # fmt: skip
     (out / "config.json").write_text(json.dumps(config, indent=2))
     t_start = time.perf_counter()
     rows, splits = [], {}
     for spec in specs:
-        cfg = _finetune_defaults() | dict(
+        cfg = RunConfig().to_dict() | dict(
             dataset=c["dataset"], model=c["model"], n_per_class=spec["n"],
             val_size=c["val_size"], test_size=c["test_size"], image_size=c["image_size"],
             noise_rate=0.0, epochs=spec["epochs"], lr=c["lr"], batch_size=c["batch_size"],
@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
                 imagenet=c["model"] == "mobilenet_v2",
             )  # fmt: skip
         print(f"== {spec['name']}", flush=True)
-        res = run_finetune(cfg, progress=not args.no_progress, splits=splits[spec["n"]])
+        res = finetune(cfg, progress=not args.no_progress, splits=splits[spec["n"]])
         cache = Path(cfg["output_dir"]) / "measure.json"
         m = json.loads(cache.read_text()) if cache.exists() else {}
         if (

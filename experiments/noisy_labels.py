@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-import hessjax.cli as hessjax_cli
+import hessjax.experiment as hexp
 
 METHODS = ["plain", "plain_es", "l2sp", "label_smoothing", "gce", "sce", "forward", "backward",
            "constraint", "robust", "robust_dualt"]  # fmt: skip
@@ -79,15 +79,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def finetune(c: dict, out: Path, noise: tuple, method: str, seed: int, radius: float,
              progress: bool, summary_only: bool = False) -> dict:  # fmt: skip
-    """One fine-tuning run through :func:`hessjax.cli.run_finetune` (resumable).
+    """One fine-tuning run through :func:`hessjax.experiment.finetune` (resumable).
 
     With ``summary_only`` nothing is trained: a finished run's results.json, else
     ``{"missing": output_dir}``.
     """
-    from hessjax.cli import _finetune_defaults, run_finetune
+    from hessjax.experiment import RunConfig
+    from hessjax.experiment import finetune as finetune_run
 
     kind, rate = noise
-    cfg = _finetune_defaults() | dict(
+    cfg = RunConfig().to_dict() | dict(
         dataset=c["dataset"], model=c["model"], n_per_class=c["n_per_class"],
         val_size=c["val_size"], test_size=c["test_size"], image_size=c["image_size"],
         noise_type=kind, noise_rate=rate, epochs=c["epochs"], lr=c["lr"],
@@ -105,7 +106,7 @@ def finetune(c: dict, out: Path, noise: tuple, method: str, seed: int, radius: f
             return {"missing": cfg["output_dir"], "output_dir": cfg["output_dir"]}
         return json.loads(done.read_text()) | {"output_dir": cfg["output_dir"]}
     try:
-        res = run_finetune(cfg, progress=progress)
+        res = finetune_run(cfg, progress=progress)
     except ValueError as err:  # e.g. a Dual-T estimate of T that is not invertible
         if not str(err).startswith("transition:"):
             raise
@@ -116,11 +117,11 @@ def finetune(c: dict, out: Path, noise: tuple, method: str, seed: int, radius: f
 
 def main(argv=None) -> dict:
     """Run the experiment; return the metrics (also written to ``<out>/metrics.json``)."""
-    from hessjax.cli import measure_run
+    from hessjax.experiment import measure_run
 
     args = parse_args(argv)
     if args.compilation_cache:
-        hessjax_cli.use_compilation_cache(args.compilation_cache)
+        hexp.use_compilation_cache(args.compilation_cache)
     c = PRESETS[args.preset]
     out = args.out or Path("experiments/results") / (
         "noisy_labels_digits" if args.preset == "cpu_digits" else "noisy_labels"
@@ -129,7 +130,7 @@ def main(argv=None) -> dict:
     progress = not args.no_progress
     config = dict(preset=args.preset, settings=c, seeds=c["seeds"],
                   command=" ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-                  commit=hessjax_cli.git_commit())  # fmt: skip
+                  commit=hexp.git_commit())  # fmt: skip
     if not args.summary_only:  # config.json keeps the command and commit that trained
         (out / "config.json").write_text(json.dumps(config, indent=2, default=list))
     t_start = time.perf_counter()

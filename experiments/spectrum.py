@@ -1,6 +1,6 @@
 """Curvature spectra of the pretrained and the fine-tuned network.
 
-Fine-tunes the pretrained network once (plain, through :func:`hessjax.cli.run_finetune`), then
+Fine-tunes the pretrained network once (plain, through :func:`hessjax.experiment.finetune`), then
 for the anchor (pretrained weights, new zero head) and the fine-tuned weights computes, on a
 batch of training examples with the model in eval mode:
 per-layer traces ``max_x Tr[H_i^+]`` and ``mean_x Tr[H_i^+]`` (:func:`hessjax.layer_traces`),
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-import hessjax.cli as hessjax_cli
+import hessjax.experiment as hexp
 
 PRESETS = {
     "smoke": dict(dataset="digits", model="tiny_cnn", image_size=8, n_per_class=6, epochs=2,
@@ -62,8 +62,8 @@ def curvature(run_dir: Path, checkpoint: str, c: dict, seed: int, layers: str | 
     import jax
     import jax.numpy as jnp
 
-    from hessjax.cli import load_run
     from hessjax.estimators import eigenvalues, spectral_density
+    from hessjax.experiment import load_run
     from hessjax.hvp import block_hvp_fn, hvp_fn
     from hessjax.measures import layer_traces
 
@@ -129,7 +129,7 @@ def plots(res: dict, out: Path) -> None:
 
 def main(argv=None) -> dict:
     """Run the experiment; return the metrics (also written to ``<out>/metrics.json``)."""
-    from hessjax.cli import _finetune_defaults, run_finetune
+    from hessjax.experiment import RunConfig, finetune
 
     args = parse_args(argv)
     c = PRESETS[args.preset]
@@ -137,16 +137,16 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config = dict(preset=args.preset, settings=c, seed=args.seed, layers=args.layers,
                   command=" ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-                  commit=hessjax_cli.git_commit())  # fmt: skip
+                  commit=hexp.git_commit())  # fmt: skip
     (out / "config.json").write_text(json.dumps(config, indent=2))
     run_dir = out / "run"
-    cfg = _finetune_defaults() | dict(
+    cfg = RunConfig().to_dict() | dict(
         dataset=c["dataset"], model=c["model"], n_per_class=c["n_per_class"],
         val_size=c["val_size"], test_size=c["test_size"], image_size=c["image_size"],
         noise_rate=0.0, epochs=c["epochs"], lr=c["lr"], batch_size=c["batch_size"],
         seed=args.seed, method="plain", lr_decay_every=None, output_dir=str(run_dir),
     )  # fmt: skip
-    fit = run_finetune(cfg, progress=not args.no_progress)
+    fit = finetune(cfg, progress=not args.no_progress)
     res = {"fit": {k: v for k, v in fit.items() if k != "history"}}
     for model, ckpt in (("pretrained", "anchor"), ("finetuned", "final")):
         print(f"== curvature: {model}", flush=True)

@@ -155,6 +155,7 @@ _SUBMODULES = (
     "text",
     "models",
     "train",
+    "experiment",
     "cli",
     "sharding",
 )

@@ -94,7 +94,7 @@ def test_measure_run_equals_measure_of_the_runs_closure(tmp_path):
     import jax.numpy as jnp
     import numpy as np
 
-    from hessjax.cli import load_run, measure_run
+    from hessjax.experiment import load_run, measure_run
     from hessjax.measures import hessian_distance
 
     runs = []

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from hessjax import cli
+from hessjax.experiment import data_mesh
 from hessjax.sharding import (
     fsdp_sharding,
     initialize_distributed,
@@ -131,9 +132,9 @@ def test_cli_devices_option():
     assert cli._parser().parse_args(["finetune", "--devices", "1"]).devices == 1
     with pytest.raises(SystemExit):
         cli._parser().parse_args(["measure", "run", "--devices", "0"])
-    assert cli._mesh(None) is None and mesh_size(cli._mesh(1)) == 1
+    assert data_mesh(None) is None and mesh_size(data_mesh(1)) == 1
     with pytest.raises(ValueError, match="devices"):
-        cli._mesh(jax.device_count() + 1)
+        data_mesh(jax.device_count() + 1)
 
 
 # ------------------------------------------------------------------- 4 simulated devices

@@ -1,0 +1,54 @@
+"""Runs of the application: fine-tuning experiments as directories, their measures, the demo.
+
+The layer between the library (core: :mod:`hessjax.measures`, :mod:`hessjax.transforms`, ...;
+application: :mod:`hessjax.train`, :mod:`hessjax.models`, :mod:`hessjax.data`) and its shells
+(the ``hessjax`` command, ``experiments/``, ``colab/``), which use only these public names.
+
+* :class:`RunConfig` / :class:`DemoConfig`: the settings, with their defaults.
+* :func:`finetune`: one run into a directory (resumable, a finished run is a no-op);
+  :func:`load_run` and :func:`measure_run` read it back and measure it; :func:`demo`.
+* :class:`RunCache`: the memo of splits, trunk features and per-model losses.
+* :func:`git_commit`, :func:`use_compilation_cache`, :func:`data_mesh`: the environment.
+
+Example:
+  >>> from hessjax.experiment import RunConfig
+  >>> RunConfig(dataset="digits", model="tiny_cnn").method
+  'plain'
+"""
+
+from hessjax.experiment.config import (
+    MOBILENET_RADII,
+    NOISE_TYPES,
+    RESUMABLE_OPTIONS,
+    DemoConfig,
+    RunConfig,
+    run_fingerprint,
+)
+from hessjax.experiment.data import RunCache, first_block, make_run_model, noise_transition
+from hessjax.experiment.demo import demo, demo_table
+from hessjax.experiment.env import data_mesh, git_commit, use_compilation_cache
+from hessjax.experiment.runs import DEFAULT_CACHE, Run, finetune, load_run, measure_run, read_config
+
+__all__ = [
+    "DEFAULT_CACHE",
+    "MOBILENET_RADII",
+    "NOISE_TYPES",
+    "RESUMABLE_OPTIONS",
+    "DemoConfig",
+    "Run",
+    "RunCache",
+    "RunConfig",
+    "data_mesh",
+    "demo",
+    "demo_table",
+    "finetune",
+    "first_block",
+    "git_commit",
+    "load_run",
+    "make_run_model",
+    "measure_run",
+    "noise_transition",
+    "read_config",
+    "run_fingerprint",
+    "use_compilation_cache",
+]
