@@ -1,4 +1,9 @@
-"""Execute every colab/ notebook headless with small settings (HESSJAX_NOTEBOOK_SMALL=1)."""
+"""Execute every colab/ notebook headless with small settings (HESSJAX_NOTEBOOK_SMALL=1).
+
+In the default suite the notebooks are executed by the documentation build
+(tests/test_docs.py renders them with their outputs); the direct execution here is slow-only,
+so the default suite pays for them once.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ def test_there_are_three_notebooks_without_outputs():
         assert "import hessjax" in nb.cells[1].source and "%pip install" in nb.cells[1].source
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("HESSJAX_NOTEBOOK_SMALL", "1")
