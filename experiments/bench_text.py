@@ -35,13 +35,9 @@ from flax import nnx
 
 from hessjax import hessian_distance, layer_partition
 from hessjax.data import load_dataset
+from hessjax.experiment import git_commit
 from hessjax.models import bert_classifier, bert_measured_layer
 from hessjax.train import cross_entropy
-
-try:
-    from hessjax.experiment import git_commit
-except ImportError:  # older layout
-    from hessjax.cli import git_commit
 
 
 def parse_args(argv=None):
