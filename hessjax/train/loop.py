@@ -169,6 +169,7 @@ def evaluate(
       ['accuracy', 'loss', 'max_loss']
     """
     x, y = np.asarray(images), np.asarray(labels)
+    model.eval()
     x, y = _check_data((x, y), "images/labels", _num_classes(model, x) if x.ndim else None)
     if batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size}")
@@ -380,6 +381,7 @@ def _check_fit_inputs(model, config, train, val, mesh, fsdp_min_size):
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config: expected a TrainConfig, got {type(config).__name__}")
     x = np.asarray(train[0]) if isinstance(train, tuple | list) and train else None
+    model.eval()  # the logits' count, traced without dropout keys
     k = _num_classes(model, x) if x is not None and x.ndim else None
     x, y = _check_data(train, "train", k)
     xv, yv = _check_data(val, "val", k) if val is not None else (None, None)
