@@ -111,14 +111,17 @@ def _add_data_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None
     p.add_argument(
         "--dataset",
         default=c.dataset,
-        help="fashion_mnist, digits (scikit-learn) or tfds:<name> (default %(default)s)",
+        help="fashion_mnist, digits (scikit-learn), tfds:<name>, or text: amazon_reviews, "
+        "tweet_source (optionally :<tokens>, default 128; with --model minilm) "
+        "(default %(default)s)",
     )
     p.add_argument("--data-dir", default=None, help="where the dataset files are")
     p.add_argument(
         "--model",
         default=c.model,
         choices=MODELS,
-        help="mobilenet_v2 (ImageNet weights, new zero head) or tiny_cnn (tests)",
+        help="mobilenet_v2 (ImageNet weights, new zero head), tiny_cnn (tests), minilm "
+        "(all-MiniLM-L6-v2, text) or minilm_random (the same, randomly initialised)",
     )
     if not demo:
         p.add_argument(
