@@ -57,6 +57,7 @@ html_title = f"hessjax {release}"
 html_static_path = []
 html_show_sourcelink = False
 pygments_style = "friendly"
+highlight_language = "none"  # literal blocks are the docstrings' maths; code says its language
 pygments_dark_style = "monokai"
 
 # MyST: $...$ and $$...$$ maths in guides and notebooks; ::: fences.
@@ -70,6 +71,7 @@ nb_execution_timeout = 600
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
 nb_merge_streams = True
+nb_output_stderr = "remove"  # tqdm's "IProgress not found" and the like; errors still fail
 
 # autodoc + napoleon (Google style). Type hints go in the description; signatures stay short.
 autodoc_typehints = "description"
@@ -81,6 +83,7 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # "Attributes:" as fields, not duplicate object descriptions
 napoleon_use_rtype = False
+napoleon_attr_annotations = False  # types would print as jaxlib's private class names
 add_module_names = False
 python_use_unqualified_type_names = True
 
@@ -334,9 +337,16 @@ def _process_docstring(app, what, name, obj, options, lines):
 
 
 def _no_undocumented_class_members(app, what, name, obj, skip, options):
-    # Modules list every public name (undoc-members); inside a class only documented members.
-    if what in ("class", "exception") and not getattr(obj, "__doc__", None):
-        return True
+    # Modules list every public name (undoc-members). Inside a class, fields (NamedTuple and
+    # dataclass fields, documented by the "Attributes:" section) and undocumented members are
+    # left out.
+    if what in ("class", "exception"):
+        if type(obj).__name__ == "_tuplegetter" or not (
+            inspect.isroutine(obj) or isinstance(obj, property | classmethod | staticmethod)
+        ):
+            return True
+        if not getattr(obj, "__doc__", None):
+            return True
     return None
 
 
