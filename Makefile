@@ -36,8 +36,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
 
 # The documentation site into site/ (offline; executes the notebooks; any warning fails).
+# Built under docs/_build (where myst-nb also writes its executed notebooks), then moved.
 docs: $(STAMP)
-	$(BIN)/sphinx-build -E -W --keep-going -n -q -b html docs site
+	rm -rf docs/_build/html
+	$(BIN)/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html
+	rm -rf site && mv docs/_build/html site
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
