@@ -4,8 +4,8 @@ Sphinx rather than MkDocs: hessjax's docstrings are Google style with reST roles
 (``:func:`hessian_distance```, ``:class:`~hessjax.partition.Partition```), which Sphinx's
 napoleon and autodoc render natively and, with ``nitpicky``, check: a broken cross-reference
 fails the build (``-W``). Notebooks are executed at build time by myst-nb (small settings,
-offline); MathJax is served from the site itself (the ``sphinx-mathjax-offline`` package), so a
-built site needs no network either.
+offline); MathJax is served from the site itself (its files come from the
+``sphinx-mathjax-offline`` package), so a built site needs no network either.
 
 The API pages are generated here, one per public module: the modules ``import hessjax`` exposes
 (``hessjax._SUBMODULES``) and every submodule of a subpackage that declares an ``__all__`` with
@@ -45,7 +45,6 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "myst_nb",
-    "sphinx-mathjax-offline",  # MathJax 3 from PyPI, copied into the site: no CDN
 ]
 
 exclude_patterns = ["_build", "examples", "**/.ipynb_checkpoints", "README.md"]
@@ -59,6 +58,12 @@ html_show_sourcelink = False
 pygments_style = "friendly"
 highlight_language = "none"  # literal blocks are the docstrings' maths; code says its language
 pygments_dark_style = "monokai"
+
+# MathJax 3 from the sphinx-mathjax-offline package (PyPI), served by the site itself: no CDN.
+# Only what tex-chtml loads is copied (3 of the package's 24 MB).
+mathjax_path = "mathjax/tex-chtml.js"
+_MATHJAX_FILES = ("tex-chtml.js", "output/chtml/fonts/woff-v2", "input/tex/extensions")
+_MATHJAX_FILES += ("a11y", "ui")
 
 # MyST: $...$ and $$...$$ maths in guides and notebooks; ::: fences.
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
@@ -350,7 +355,21 @@ def _no_undocumented_class_members(app, what, name, obj, skip, options):
     return None
 
 
+def _copy_mathjax(app, exc):
+    if exc is not None or app.builder.format != "html":
+        return
+    package = Path(importlib.import_module("sphinx-mathjax-offline").__file__).parent
+    source, target = package / "static" / "mathjax", Path(app.outdir) / "_static" / "mathjax"
+    for name in _MATHJAX_FILES:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, target / name, dirs_exist_ok=True)
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / name, target / name)
+
+
 def setup(app):
+    app.connect("build-finished", _copy_mathjax)
     app.connect("autodoc-process-docstring", _process_docstring)
     app.connect("autodoc-skip-member", _no_undocumented_class_members)
     app.connect("missing-reference", _resolve)
