@@ -110,8 +110,16 @@ def main(argv=None):
         },
         "forward": {"seconds_median": float(np.median(fwd)), "compile_seconds": compile_fwd},
         "measure": [],
+        "load_average_at_start": os.getloadavg(),
     }
     print(json.dumps(result["train_step"], indent=1), flush=True)
+
+    def save():  # after every measurement, so an interrupted run keeps what it measured
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+    save()
 
     # The measure: one example's loss in eval mode; anchor = params displaced by noise.
     pdict = nnx.to_pure_dict(params)
@@ -166,9 +174,7 @@ def main(argv=None):
         }
         result["measure"].append(row)
         print(json.dumps(row), flush=True)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+        save()
     print("wrote", args.out)
 
 
