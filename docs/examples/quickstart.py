@@ -23,7 +23,7 @@ train = (data.train_images, data.train_labels)
 val = (data.val_images, data.val_labels)
 
 
-def finetune_and_measure(loss, make_tx):
+def finetune_and_measure(name, loss, make_tx):
     model = make_model("tiny_cnn", 10, seed=0, in_channels=1)
     anchor = nnx.state(nnx.clone(model), nnx.Param)  # pretrained weights
     cfg = TrainConfig(epochs=15, batch_size=16)
@@ -44,18 +44,14 @@ def finetune_and_measure(loss, make_tx):
         fitted["loss"], hd.measure, n, loss_bound=fitted["max_loss"]
     )
     test = evaluate(model, data.test_images, data.test_labels)
-    return hd, bound, test["accuracy"]
-
-
-def show(name, hd, bound, accuracy):
     print(f"{name + ':':8}measure {hd.measure:.4f}  bound {bound.value:.3f}  "
-          f"test accuracy {accuracy:.3f}")
+          f"test accuracy {test['accuracy']:.3f}")
+    return hd
 
 
 # 1. Plain fine-tuning (Adam), measured: the per-layer report, Theorem 2.1.
-plain = finetune_and_measure(cross_entropy, lambda anchor: optax.adam(1e-2))
-print(hessjax.report(plain[0]))
-show("plain", *plain)
+hd = finetune_and_measure("plain", cross_entropy, lambda a: optax.adam(1e-2))
+print(hessjax.report(hd))
 
 
 # 2. The paper's algorithm: a backward-corrected loss, and after the optimizer
@@ -73,5 +69,5 @@ def robust_loss(logits, labels):
     return hessjax.backward_corrected_cross_entropy(logits, labels, T)
 
 
-show("robust", *finetune_and_measure(robust_loss, robust_tx))
+finetune_and_measure("robust", robust_loss, robust_tx)
 # fmt: on
