@@ -158,12 +158,13 @@ def finetune(
       progress: tqdm bars.
       splits: already loaded :class:`hessjax.Splits` (must match ``config``), to share data.
       cache: the :class:`RunCache` for splits and trunk features (default: this process's).
-        ``config.devices`` (``--devices``: an int or ``"all"``; absent/None: one device)
-        splits every training batch over a data-parallel mesh
-        (:func:`hessjax.sharding.make_mesh`, :func:`hessjax.train.fit` ``mesh=``).
+
+    ``config.devices`` (``--devices``: an int or ``"all"``; None: one device) splits every
+    training batch over a data-parallel mesh (:func:`hessjax.sharding.make_mesh`,
+    :func:`hessjax.train.fit` ``mesh=``).
 
     Reruns: the options are checked against the directory's ``config.json`` before anything
-    is written (every option but the resumable ones, :data:`_RESUMABLE_OPTIONS`, must be the
+    is written (every option but :data:`~hessjax.experiment.RESUMABLE_OPTIONS` must be the
     same); a finished run rerun with the same options is a no-op that returns its results
     (with ``"already_finished": True``); an interrupted one resumes exactly. One process at a
     time: :class:`hessjax.train.RunLock` on the directory.
