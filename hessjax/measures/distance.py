@@ -14,9 +14,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from hessjax import estimators
-from hessjax.hvp import block_hvp_fn, chunked_vmap, hvp
+from hessjax.hvp import block_forms_fn, hvp
+from hessjax.measures import screening
 from hessjax.measures._checks import (
     check_finite_losses,
     check_n,
@@ -26,7 +27,7 @@ from hessjax.measures._checks import (
     resolve_partition,
 )
 from hessjax.partition import Partition
-from hessjax.sharding import replicate, sharded_map
+from hessjax.sharding import replicate
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -36,7 +37,7 @@ VARIANTS = ("canonical", "reference")
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["per_layer", "argmax", "distances", "n", "losses"],
+    data_fields=["per_layer", "argmax", "distances", "n", "losses", "refined", "num_refined"],
     meta_fields=["names", "variant"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,11 @@ class HessianDistance:
       distances: ``||v_i||_F``, shape ``(L,)``.
       n: the training-set size used in the measure.
       losses: the loss of every example (canonical) or batch (reference).
+      refined: with screening (canonical, the default), for each layer the number of
+        examples whose Lanczos value had to be computed for that layer, shape ``(L,)``;
+        ``None`` without screening.
+      num_refined: with screening, the number of distinct examples refined (each costs as
+        much as one example of brute force); ``None`` without screening.
     """
 
     names: tuple[str, ...]
@@ -62,6 +68,8 @@ class HessianDistance:
     distances: jax.Array
     n: jax.Array
     losses: jax.Array
+    refined: jax.Array | None = None
+    num_refined: jax.Array | None = None
 
     @property
     def contributions(self) -> jax.Array:
@@ -89,6 +97,8 @@ def hessian_distance(
     variant: str = "canonical",
     batch_size: int = 4,
     mesh: Any = None,
+    screening: bool = False,
+    screen_chunk_size: int | None = 16,
 ) -> HessianDistance:
     """The paper's Hessian distance measure ``sum_i sqrt(calH_i / n)``, per layer.
 
@@ -111,10 +121,38 @@ def hessian_distance(
     ``v`` at once (so cross-layer terms enter), and ``calH_i = max_b <v_i, (H_b v)_i>``,
     untruncated (it can be negative; the measure counts negative values as 0).
 
-    Cost (canonical): per example one linearisation plus ``num_iters`` block products of
-    ``L`` Hessian-vector products each, i.e. ``L * num_iters`` HVPs per example, vmapped over
-    ``chunk_size`` examples (and ``layer_chunk_size`` layers) at a time. Memory: about
-    ``chunk_size * (L + num_iters)`` params-sized vectors. Reference: one HVP per batch.
+    Screening (``screening=True``, canonical variant) gives the SAME result as brute force
+    (``screening=False``, the default: Lanczos for every example), faster when the brackets
+    rule examples out (see the measured caveat below). For every
+    example and layer one block product with the shared ``v_i`` (batched over
+    ``screen_chunk_size`` examples, :func:`hessjax.hvp.block_forms_fn`) brackets the
+    ``num_iters``-step quadrature value ``Q``::
+
+        max(v_i^T H_i v_i, 0)  <=  Q  <=  ||v_i|| ||H_i v_i||
+
+    (Gauss quadrature with weights ``w_j >= 0``, ``sum w_j = 1``, ``sum w_j theta_j =
+    q^T H q`` and ``sum w_j theta_j^2 = ||H q||^2``, ``q = v_i / ||v_i||``: Jensen for the
+    lower bound, Cauchy-Schwarz for the upper; the proof is in
+    :mod:`hessjax.measures.screening`). Lanczos then runs, exactly as in brute force and for
+    all layers at once, only on examples whose upper bound (with a relative slack of
+    ``eps ** 0.25`` for rounding) reaches the best value found so far for some layer, the
+    highest lower bounds first, until none is left. Examples never refined cannot be the
+    maximiser or tie with it, so ``per_layer`` and ``argmax`` equal brute force (to float
+    tolerance). ``refined`` and ``num_refined`` record the work done.
+
+    Cost (canonical, brute force): per example one linearisation plus ``num_iters`` block
+    products of ``L`` Hessian-vector products each, i.e. ``L * num_iters`` HVPs per example,
+    vmapped over ``chunk_size`` examples (and ``layer_chunk_size`` layers) at a time. Memory:
+    about ``chunk_size * (L + num_iters)`` params-sized vectors. Reference: one HVP per
+    batch. Screening: ``L`` HVPs per example batched over examples (on CPU about 10x cheaper
+    per HVP than Lanczos's per-example products; MobileNetV2, 53 layers: 0.019 s vs 0.196 s
+    per example), plus the brute-force cost of the ``num_refined`` examples refined; memory
+    ``screen_chunk_size`` examples' activations. The compiled screen unrolls the layers
+    (compile time grows with ``L``). Measured caveat (2 CPU cores, MobileNetV2 at 32x32, all
+    53 layers displaced at random, 64 examples, ``num_iters=8``): the first-moment brackets
+    ruled out few examples (27-64 of 64 refined per layer; the upper bound is loose by about
+    ``sqrt(dim / rank)`` for an isotropic ``v``), and the unrolled program took 8.5 minutes
+    to compile, so screening was not faster there; it pays off when a few examples dominate.
 
     Sharded (``mesh`` given): the examples (canonical) or batches (reference) are split over
     the mesh's data axis (:func:`hessjax.sharding.sharded_map`: padded to a multiple of the
@@ -146,6 +184,13 @@ def hessian_distance(
       batch_size: examples per batch for the reference variant (the reference code uses 4).
       mesh: keyword-only, a ``jax.sharding.Mesh`` (:func:`hessjax.sharding.make_mesh`) to
         split the examples over; ``None`` (default): one device, the unsharded code path.
+        With screening both the screen and each refinement round are split over the mesh
+        (a round refines ``chunk_size`` examples per device).
+      screening: keyword-only (canonical variant): bracket every example from one batched
+        block product and run Lanczos only where needed (True), or run Lanczos on every
+        example (False, default, the brute-force reference). Same result either way.
+      screen_chunk_size: keyword-only, examples vmapped at once in the screen (``None``:
+        all); memory grows with it.
 
     Returns:
       A :class:`HessianDistance` (``.measure``, ``.per_layer``, ``.argmax``, ...).
@@ -181,21 +226,27 @@ def hessian_distance(
         check_static_int(chunk_size, "chunk_size")
     if layer_chunk_size is not None:
         check_static_int(layer_chunk_size, "layer_chunk_size")
+    if screen_chunk_size is not None:
+        check_static_int(screen_chunk_size, "screen_chunk_size")
+    if not isinstance(screening, bool | np.bool_):
+        raise TypeError(f"screening must be a bool, got {type(screening).__name__}")
     if mesh is not None:
         params, v = replicate((params, v), mesh)
+    refined = num_refined = None
     if variant == "canonical":
-        per_layer, argmax, losses = _canonical(
-            loss_fn,
-            params,
-            v,
-            examples,
-            part,
+        kwargs = dict(
             num_iters=num_iters,
             truncate=bool(truncate),
             chunk_size=chunk_size,
             layer_chunk_size=layer_chunk_size,
             mesh=mesh,
         )
+        if screening:
+            per_layer, argmax, losses, refined, num_refined = _screened(
+                loss_fn, params, v, examples, part, screen_chunk_size=screen_chunk_size, **kwargs
+            )
+        else:
+            per_layer, argmax, losses = _canonical(loss_fn, params, v, examples, part, **kwargs)
         check_finite_losses(losses, "examples")
     else:
         per_layer, argmax, losses = _reference(
@@ -218,6 +269,8 @@ def hessian_distance(
         distances=jnp.sqrt(part.sq_norms(v)),
         n=n_arr,
         losses=losses,
+        refined=refined,
+        num_refined=num_refined,
     )
 
 
@@ -247,26 +300,73 @@ def _canonical(
     mesh=None,
 ):
     v = partition.restrict(v)
-
-    def one(example):
-        blocks = block_hvp_fn(loss_fn, params, partition, example, chunk_size=layer_chunk_size)
-        if truncate:
-            q = estimators.positive_quadratic_form(
-                blocks, v, num_iters=num_iters, partition=partition
-            )
-        else:
-            q = jnp.maximum(partition.dot(v, blocks(v)), 0.0)
-        return q, loss_fn(params, example)
-
+    one = screening.example_value_fn(
+        loss_fn,
+        params,
+        v,
+        partition,
+        num_iters=num_iters,
+        truncate=truncate,
+        layer_chunk_size=layer_chunk_size,
+    )
     values, losses = _map_rows(one, examples, chunk_size, mesh)
     return jnp.max(values, axis=0), jnp.argmax(values, axis=0), losses
 
 
-def _map_rows(fn, xs, chunk_size, mesh):
-    """``chunked_vmap``; with a mesh split over its data axis (padding dropped: exact max)."""
-    if mesh is None:
-        return chunked_vmap(fn, xs, chunk_size=chunk_size)
-    return sharded_map(fn, xs, mesh, chunk_size=chunk_size)
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "loss_fn",
+        "partition",
+        "num_iters",
+        "truncate",
+        "chunk_size",
+        "layer_chunk_size",
+        "screen_chunk_size",
+        "mesh",
+    ),
+)
+def _screened(
+    loss_fn,
+    params,
+    v,
+    examples,
+    partition,
+    *,
+    num_iters,
+    truncate,
+    chunk_size,
+    layer_chunk_size,
+    screen_chunk_size,
+    mesh=None,
+):
+    v = partition.restrict(v)
+    forms = _map_rows(
+        block_forms_fn(loss_fn, params, v, partition), examples, screen_chunk_size, mesh
+    )
+    v_sq = partition.sq_norms(v)
+    lower, upper = screening.brackets(forms, v_sq, truncate=truncate)
+    if not truncate:  # the value is max(v^T H v, 0) = lower itself: nothing to refine
+        zeros = jnp.zeros((partition.num_layers,), jnp.int32)
+        return jnp.max(lower, axis=0), jnp.argmax(lower, axis=0), forms.losses, zeros, zeros[0]
+    m = lower.shape[0]
+    per_layer, argmax, refined, num_refined = screening.refine_layers(
+        loss_fn,
+        params,
+        v,
+        partition,
+        examples,
+        lower,
+        upper,
+        num_iters=min(num_iters, max(partition.sizes)),
+        refine_size=screening.refine_size_for(screen_chunk_size, m, mesh),
+        rtol=screening.default_rtol(lower.dtype),
+        mesh=mesh,
+    )
+    return per_layer, argmax, forms.losses, refined, num_refined
+
+
+_map_rows = screening.map_rows
 
 
 @functools.partial(
