@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--num-iters", type=int, nargs="*", default=None)
     parser.add_argument("--chunk-size", type=int, default=1)
+    parser.add_argument(
+        "--compare-screening",
+        action="store_true",
+        help="time screening=True on all examples vs brute force on --brute-subset examples",
+    )
+    parser.add_argument("--brute-subset", type=int, default=8)
+    parser.add_argument("--all-layers", action="store_true", help="mobilenet: every layer")
     args = parser.parse_args(argv)
 
     key = jax.random.key(args.seed)
@@ -131,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         select = None
     else:
         params, loss, select = mobilenet(k_params, args.image_size)
+        if args.all_layers:
+            select = None
     anchor = jax.tree_util.tree_map(
         lambda x, k: x - 0.05 * jax.random.normal(k, x.shape),
         params,
@@ -146,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     part = hessjax.layer_partition(params, select=select)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    if args.compare_screening:
+        return _compare_screening(args, argv, loss, params, anchor, examples, part)
     rows = []
     if args.num_iters is None:
         configs = [
@@ -202,6 +213,75 @@ def main(argv: list[str] | None = None) -> dict:
         "layers": list(part.names),
         "layer_sizes": list(part.sizes),
         "seconds_gradient_batch_of_examples": grad_time,
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def _compare_screening(args, argv, loss, params, anchor, examples, part) -> dict:
+    """Screened measure on all examples vs brute force on a subset (extrapolated linearly)."""
+    m, sub = args.num_examples, min(args.brute_subset, args.num_examples)
+    subset = jax.tree_util.tree_map(lambda x: x[:sub], examples)
+    rows = []
+    for num_iters in args.num_iters or [8, 16]:
+        kw = dict(n=1000, partition=part, num_iters=num_iters)
+        load = os.getloadavg()
+        t0 = time.perf_counter()
+        screened = hessjax.measures.hessian_distance(
+            loss, params, anchor, examples, screening=True, **kw
+        )
+        jax.block_until_ready(screened.per_layer)
+        t_screened = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        brute = hessjax.measures.hessian_distance(loss, params, anchor, subset, **kw)
+        jax.block_until_ready(brute.per_layer)
+        t_brute = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        screened_sub = hessjax.measures.hessian_distance(
+            loss, params, anchor, subset, screening=True, **kw
+        )
+        jax.block_until_ready(screened_sub.per_layer)
+        rows.append(
+            {
+                "num_iters": num_iters,
+                "seconds_screened_all_examples_incl_compile": t_screened,
+                "seconds_brute_force_subset_incl_compile": t_brute,
+                "brute_force_subset": sub,
+                "seconds_brute_force_extrapolated_linearly": t_brute * m / sub,
+                "speedup_vs_extrapolated_brute_force": t_brute * m / sub / t_screened,
+                "refined_per_layer": np.asarray(screened.refined).tolist(),
+                "num_refined_examples": int(screened.num_refined),
+                "measure_screened": float(screened.measure),
+                "subset_measure_screened": float(screened_sub.measure),
+                "subset_measure_brute_force": float(brute.measure),
+                "subset_max_rel_diff_per_layer": float(
+                    np.max(
+                        np.abs(np.asarray(screened_sub.per_layer) - np.asarray(brute.per_layer))
+                        / np.maximum(np.asarray(brute.per_layer), 1e-30)
+                    )
+                ),
+                "subset_argmax_equal": bool(np.all(screened_sub.argmax == brute.argmax)),
+                "loadavg_before": load,
+                "loadavg_after": os.getloadavg(),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    result = {
+        "benchmark": f"hessian_distance screening vs brute force on {args.model}",
+        "note": "brute force timed on the first brute_force_subset examples and extrapolated "
+        "linearly to num_examples (compile time included in both, so the extrapolation "
+        "over-counts brute-force compile)",
+        "command": " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:])),
+        "commit": git_commit(),
+        "seed": args.seed,
+        "image_size": args.image_size,
+        "num_examples": m,
+        "layers": list(part.names),
+        "layer_sizes": list(part.sizes),
+        "cpu_count": os.cpu_count(),
         "rows": rows,
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
