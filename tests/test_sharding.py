@@ -161,7 +161,9 @@ def test_multi_has_four_devices(multi):
     assert multi["num_devices"] == 4
 
 
-@pytest.mark.parametrize("name", ["canonical_4", "canonical_3", "reference_4"])
+@pytest.mark.parametrize(
+    "name", ["canonical_4", "canonical_3", "reference_4", "screened_4", "screened_3"]
+)
 def test_sharded_measure_equals_unsharded(multi, name):
     r = multi[f"measure_{name}"]
     assert r["per_layer_rel"] < 1e-5
