@@ -155,7 +155,7 @@ def finetune(
     Args:
       config: a :class:`RunConfig` (or a dict of its fields: the options of
         ``hessjax finetune``).
-      progress: tqdm bars.
+      progress: bars on a terminal and one line per epoch (see :func:`hessjax.train.fit`).
       splits: already loaded :class:`hessjax.Splits` (must match ``config``), to share data.
       cache: the :class:`RunCache` for splits and trunk features (default: this process's).
 

@@ -286,7 +286,8 @@ def fit(
       callback: ``callback(step, {"loss": ..., "accuracy": ...})`` after every step (raising
         from it interrupts the run, as a kill would).
       fingerprint: extra JSON values (dataset, model name, ...) a resumed run must match.
-      progress: show tqdm progress bars.
+      progress: report progress: tqdm bars (per epoch) when stderr is a terminal, plus one
+        line of metrics per epoch (plain lines on stderr in logs and CI).
       mesh: keyword-only, a ``jax.sharding.Mesh`` (:func:`hessjax.sharding.make_mesh`) whose
         data axis splits every batch; ``config.batch_size`` must be a multiple of its size.
         ``None``: one device (the unsharded path).
