@@ -33,7 +33,28 @@ _DISPLAY = ("no_progress", "distributed", "debug", "func", "command")
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
+class _DataAndModel:
+    """The fields a run and the demo share (data, model, optimisation, radii)."""
+
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    model: str = "mobilenet_v2"
+    n_per_class: int = 50
+    val_size: int = 500
+    test_size: int = 1000
+    image_size: int = 32
+    noise_rate: float = 0.4
+    epochs: int = 10
+    lr: float = 1e-4
+    batch_size: int = 32
+    seed: int = 0
+    radius: float = MOBILENET_RADII[0]
+    radius_scale: float = MOBILENET_RADII[1]
+    head_radius: float = MOBILENET_RADII[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(_DataAndModel):
     """One fine-tuning run: data, model, method, optimisation and where it goes.
 
     Attributes:
@@ -61,22 +82,7 @@ class RunConfig:
       3
     """
 
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    model: str = "mobilenet_v2"
     train_from: int = 0
-    n_per_class: int = 50
-    val_size: int = 500
-    test_size: int = 1000
-    image_size: int = 32
-    noise_rate: float = 0.4
-    epochs: int = 10
-    lr: float = 1e-4
-    batch_size: int = 32
-    seed: int = 0
-    radius: float = MOBILENET_RADII[0]
-    radius_scale: float = MOBILENET_RADII[1]
-    head_radius: float = MOBILENET_RADII[2]
     noise_type: str = "symmetric"
     method: str = "plain"
     transition: str = "true"
@@ -132,7 +138,7 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(_DataAndModel):
     """The demo: plain vs the paper's algorithm on noisy Fashion-MNIST, then the measure.
 
     The data, model and optimisation fields mean what they mean in :class:`RunConfig`;
@@ -140,21 +146,7 @@ class DemoConfig:
     over, Lanczos steps, examples vmapped at once).
     """
 
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    model: str = "mobilenet_v2"
-    n_per_class: int = 50
-    val_size: int = 500
-    test_size: int = 1000
-    image_size: int = 32
-    noise_rate: float = 0.4
     epochs: int = 15
-    lr: float = 1e-4
-    batch_size: int = 32
-    seed: int = 0
-    radius: float = MOBILENET_RADII[0]
-    radius_scale: float = MOBILENET_RADII[1]
-    head_radius: float = MOBILENET_RADII[2]
     examples: int = 64
     num_iters: int = 4
     chunk_size: int = 1
