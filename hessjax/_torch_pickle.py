@@ -61,6 +61,13 @@ class UnsafePickleError(pickle.UnpicklingError):
     """A pickle referred to a global outside the allow-list (nothing was executed)."""
 
 
+class TorchFileError(ValueError, pickle.UnpicklingError):
+    """A file that is empty, truncated, corrupt or not a torch.save file (names the file).
+
+    A ValueError, and an UnpicklingError for callers that catch that.
+    """
+
+
 class _StorageType:
     """Stand-in for ``torch.FloatStorage`` etc.: carries the dtype, cannot be called."""
 
@@ -296,7 +303,7 @@ def read_torch_file(path: str | os.PathLike) -> Any:
     """
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
-            raise ValueError(f"{path}: empty file, not a torch.save file")
+            raise TorchFileError(f"{path}: empty file, not a torch.save file")
         try:
             if zipfile.is_zipfile(f):
                 f.seek(0)
@@ -308,7 +315,7 @@ def read_torch_file(path: str | os.PathLike) -> Any:
         except (ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError,
                 IndexError, TypeError, struct.error, UnicodeDecodeError, OverflowError,
                 MemoryError) as e:  # fmt: skip
-            raise ValueError(
+            raise TorchFileError(
                 f"{path}: not a readable torch.save file ({type(e).__name__}: {e})"
             ) from e
 
