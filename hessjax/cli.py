@@ -30,6 +30,7 @@ from hessjax.experiment import (
     demo,
     finetune,
     measure_run,
+    write_json,
 )
 from hessjax.train.methods import METHODS
 from hessjax.train.zoo import MODELS
@@ -94,15 +95,6 @@ def _float_in(lo: float, hi: float | None = None, *, open_lo: bool = False):
 _POSITIVE = _int_at_least(1)
 _NONNEG = _int_at_least(0)
 _POSITIVE_FLOAT = _float_in(0.0, open_lo=True)
-
-
-def _write_json(path: Path, value) -> None:
-    """Write JSON atomically (a temporary file renamed into place)."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ parser
@@ -386,7 +378,7 @@ def _cmd_measure(args) -> int:
             print(f"bound (Theorem 2.1, no xi): {out[v]['bound']:.6g}  "
                   f"train loss {out['train_loss']:.4g}, test loss {out['test_loss']:.4g}, "
                   f"gap {out['gap']:.4g}, C {out['loss_bound_C']:.4g}")  # fmt: skip
-    _write_json(path, out)
+    write_json(path, out)
     return 0
 
 

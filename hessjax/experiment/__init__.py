@@ -27,7 +27,15 @@ from hessjax.experiment.config import (
 from hessjax.experiment.data import RunCache, first_block, make_run_model, noise_transition
 from hessjax.experiment.demo import demo, demo_table
 from hessjax.experiment.env import data_mesh, git_commit, use_compilation_cache
-from hessjax.experiment.runs import DEFAULT_CACHE, Run, finetune, load_run, measure_run, read_config
+from hessjax.experiment.runs import (
+    DEFAULT_CACHE,
+    Run,
+    finetune,
+    load_run,
+    measure_run,
+    read_config,
+    write_json,
+)
 
 __all__ = [
     "DEFAULT_CACHE",
@@ -51,4 +59,5 @@ __all__ = [
     "read_config",
     "run_fingerprint",
     "use_compilation_cache",
+    "write_json",
 ]

@@ -24,7 +24,15 @@ from hessjax.experiment.config import RunConfig, run_fingerprint
 from hessjax.experiment.data import RunCache, first_block, make_run_model, noise_transition
 from hessjax.experiment.env import data_mesh
 
-__all__ = ["DEFAULT_CACHE", "Run", "finetune", "load_run", "measure_run", "read_config"]
+__all__ = [
+    "DEFAULT_CACHE",
+    "Run",
+    "finetune",
+    "load_run",
+    "measure_run",
+    "read_config",
+    "write_json",
+]
 
 # This process's cache of splits, trunk features and per-model losses.
 DEFAULT_CACHE = RunCache()
@@ -42,10 +50,11 @@ def _load_tree(path: Path, target):
     return load_tree(path, target)
 
 
-def _write_json(path: Path, value) -> None:
-    """Write JSON atomically (a temporary file renamed into place)."""
+def write_json(path: str | Path, value) -> None:
+    """Write ``value`` as JSON to ``path`` atomically (a temporary file renamed into place)."""
     import os
 
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(value, indent=2, default=str))
     os.replace(tmp, path)
@@ -215,7 +224,7 @@ def _run_finetune(out: Path, cfg: dict, *, progress: bool, splits, cache) -> dic
     raw, splits = splits, cache.with_trunk(splits, first_block(cfg))
     k = splits.num_classes
     tcfg = _train_config(cfg)
-    _write_json(out / "config.json", cfg)
+    write_json(out / "config.json", cfg)
     train = (splits.train_images, splits.train_labels)
     val = (splits.val_images, splits.val_labels)
 
@@ -234,7 +243,7 @@ def _run_finetune(out: Path, cfg: dict, *, progress: bool, splits, cache) -> dic
             probs = _predict_probs(model, splits.train_images)
             transition = np.asarray(dual_t_transition(jnp.asarray(probs), splits.train_labels))
             del plain
-        _write_json(out / "transition.json", np.asarray(transition).tolist())
+        write_json(out / "transition.json", np.asarray(transition).tolist())
 
     model = make_run_model(cfg, splits)
     anchor = _pure_state(model)
@@ -276,7 +285,7 @@ def _run_finetune(out: Path, cfg: dict, *, progress: bool, splits, cache) -> dic
         "history": result.history,
         "config_end": {k: cfg.get(k) for k in _TRAJECTORY_END},
     }
-    _write_json(out / "results.json", res)
+    write_json(out / "results.json", res)
     return res
 
 
