@@ -1,5 +1,5 @@
 """Tests for hessjax.text (token arrays, the on-disk cache, the text data sets) and text through
-load_splits, the model zoo and the finetune -> resume -> measure path of the command line."""
+load_splits, the model zoo and the finetune -> measure path of the command line (resume: slow)."""
 
 from __future__ import annotations
 
@@ -95,11 +95,29 @@ def test_make_model_minilm():
         make_model("minilm", 2, seed=0, first_block=3)
 
 
-def test_cli_finetune_resume_measure_on_reviews(tmp_path):
-    """`hessjax finetune` 2 steps, resumed to 3, then `hessjax measure`: MiniLM on 24 reviews.
+@pytest.fixture
+def tiny_minilm(tmp_path, monkeypatch):
+    """``$HESSJAX_MINILM_DIR`` -> a 2-block BERT of width 8 with MiniLM's tokenizer (and so its
+    30522-token vocabulary): ``--model minilm`` then runs the real code path in seconds."""
+    from flax import nnx
+    from safetensors.numpy import save_file
 
-    Every evaluation has 8 examples (one compiled shape); the reference variant of the measure
-    on a text model is in tests/test_bert.py (slow)."""
+    from hessjax.models import BertConfig, BertModel, minilm_path, to_hf_state_dict
+    from hessjax.models.bert_io import MINILM_ENV
+
+    cfg = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+               max_position_embeddings=32)  # fmt: skip
+    folder = tmp_path / "tiny_minilm"
+    folder.mkdir()
+    model = BertModel(BertConfig(**cfg), pooler=False, rngs=nnx.Rngs(0))
+    save_file(to_hf_state_dict(model), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(dict(cfg, model_type="bert")))
+    (folder / "tokenizer.json").write_bytes((minilm_path() / "tokenizer.json").read_bytes())
+    monkeypatch.setenv(MINILM_ENV, str(folder))
+    return folder
+
+
+def _cli_finetune_measure(tmp_path, *, last_block, resume):
     from hessjax.cli import main
 
     out = tmp_path / "run"
@@ -109,15 +127,34 @@ def test_cli_finetune_resume_measure_on_reviews(tmp_path):
             "--head-radius", "2", "--output-dir", str(out), "--no-progress"]  # fmt: skip
     assert main([*args, "--max-steps", "2"]) == 0
     first = json.loads((out / "results.json").read_text())
-    assert first["steps"] == 2 and first["n_train"] == 8
-    assert main([*args, "--max-steps", "3"]) == 0
-    second = json.loads((out / "results.json").read_text())
-    assert second["steps"] == 3 and np.isfinite(second["test_loss"])
+    assert first["steps"] == 2 and first["n_train"] == 8 and np.isfinite(first["test_loss"])
+    if resume:
+        assert main([*args, "--max-steps", "3"]) == 0
+        second = json.loads((out / "results.json").read_text())
+        assert second["steps"] == 3 and np.isfinite(second["test_loss"])
     saved = json.loads((out / "config.json").read_text())
     assert saved["model"] == "minilm" and saved["dataset"] == "amazon_reviews:16"
     report = tmp_path / "measure.json"
     assert main(["measure", str(out), "--examples", "2", "--num-iters", "2", "--variant", "canonical",
-                 "--layers", r"classifier|layer/5/output/dense", "--output", str(report)]) == 0  # fmt: skip
+                 "--layers", rf"classifier|layer/{last_block}/output/dense",
+                 "--output", str(report)]) == 0  # fmt: skip
     m = json.loads(report.read_text())
     assert m["num_layers"] == 2 and m["n"] == 8
     assert np.isfinite(m["canonical"]["measure"]) and m["canonical"]["measure"] > 0
+
+
+def test_cli_finetune_measure_on_reviews(tmp_path, tiny_minilm):
+    """`hessjax finetune` (robust, 2 steps) then `hessjax measure` of `--model minilm` on 24
+    reviews, the MiniLM folder being a tiny BERT (:func:`tiny_minilm`). Resuming is tested on
+    images (tests/test_cli.py, tests/train/) and on text with the real MiniLM below (slow).
+
+    Every evaluation has 8 examples (one compiled shape); the reference variant of the measure
+    on a text model is in tests/test_bert.py (slow)."""
+    _cli_finetune_measure(tmp_path, last_block=1, resume=False)
+
+
+@pytest.mark.slow
+def test_cli_finetune_resume_measure_on_reviews_real_minilm(tmp_path):
+    """2 steps, resumed to 3, then the measure, with the real all-MiniLM-L6-v2 (22.6M weights;
+    about 3 minutes on the shared 2 cores, most of it XLA compilation)."""
+    _cli_finetune_measure(tmp_path, last_block=5, resume=True)
