@@ -6,12 +6,19 @@ Amazon reviews tokenised to ``--max-length`` tokens:
 * the fine-tuning step: one jitted AdamW step (forward, backward with dropout, update) on a
   batch of ``--batch-size`` reviews, the median of ``--steps`` timed steps after compilation;
 * the forward pass alone (eval mode) on the same batch;
-* the measure: :func:`hessjax.hessian_distance` (canonical) per example, over
-  ``--examples`` reviews, for the default measured layers (every attention / FFN kernel and
-  the head: 37 layers) and for the last encoder layer's kernels plus the head, with the anchor
-  displaced by small random noise (the cost does not depend on the displacement).
+* the measure: :func:`hessjax.hessian_distance` (canonical, ``--num-iters`` Lanczos steps)
+  over ``--examples`` reviews, for the last encoder layer's kernels plus the head (7 layers)
+  and for the whole encoder: the default measured layers (every attention / FFN kernel of
+  the 6 blocks and the head, 37 layers), brute force and/or screening, ``layer_chunk_size``
+  layers' block products vmapped at once (``--full brute:1 brute:all screening:1``). The
+  anchor is the pretrained MiniLM (zero head) and the params are the weights after the
+  ``1 + --steps`` timed AdamW steps (a real, small fine-tuning displacement). Each measure
+  is called twice on the same examples: the first call (tracing, compilation and the run)
+  and the second (the run alone), whose time divided by the examples is the per-example
+  cost.
 
-    nice -n 5 .venv/bin/python experiments/bench_text.py      # ~10 min on 2 CPU cores
+    nice -n 5 .venv/bin/python experiments/bench_text.py      # ~30 min on 2 CPU cores
+    .venv/bin/python experiments/bench_text.py --skip-full --steps 3   # ~3 min
 
 Writes JSON (``--out``, default ``experiments/results/bench_text.json``).
 """
@@ -48,6 +55,14 @@ def parse_args(argv=None):
     p.add_argument("--examples", type=int, default=2)
     p.add_argument("--num-iters", type=int, default=8)
     p.add_argument("--skip-full", action="store_true", help="only the 7-layer measure")
+    p.add_argument(
+        "--full",
+        nargs="+",
+        default=["brute:1"],
+        help="whole-encoder runs, METHOD:LAYER_CHUNK with METHOD brute or screening "
+        "and LAYER_CHUNK an int or 'all' (e.g. brute:1 brute:all screening:1)",
+    )
+    p.add_argument("--screen-chunk-size", type=int, default=16)
     p.add_argument("--out", type=Path, default=Path("experiments/results/bench_text.json"))
     return p.parse_args(argv)
 
@@ -82,6 +97,7 @@ def main(argv=None):
 
     forward = jax.jit(lambda p, xb: nnx.merge(geval, p, rest)(xb))
     key = jax.random.key(0)
+    pretrained = params  # the anchor of the measure
     (params, opt, _), compile_step = timed(step, params, opt, xb, yb, key)
     times = []
     for i in range(args.steps):
@@ -121,17 +137,15 @@ def main(argv=None):
 
     save()
 
-    # The measure: one example's loss in eval mode; anchor = params displaced by noise.
+    # The measure: one example's loss in eval mode; anchor = the pretrained weights, params =
+    # the weights after the AdamW steps above.
     pdict = nnx.to_pure_dict(params)
-    leaves, treedef = jax.tree.flatten(pdict)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    anchor = jax.tree.unflatten(
-        treedef,
-        [
-            a + 1e-3 * jax.random.normal(k, a.shape, a.dtype)
-            for a, k in zip(leaves, keys, strict=True)
-        ],
-    )
+    anchor = nnx.to_pure_dict(pretrained)
+    result["displacement"] = {
+        "anchor": "pretrained all-MiniLM-L6-v2, zero head",
+        "params": f"after {1 + args.steps} AdamW steps (lr 5e-5, batch {args.batch_size})",
+        "norm": float(optax.tree_utils.tree_norm(jax.tree.map(jnp.subtract, pdict, anchor))),
+    }
 
     def example_loss(p, ex):
         s = jax.tree.map(lambda a: a, params)
@@ -139,39 +153,51 @@ def main(argv=None):
         return cross_entropy(nnx.merge(geval, s, rest)(ex[0][None]), ex[1][None])[0]
 
     examples = (jnp.asarray(x[: args.examples]), jnp.asarray(y[: args.examples]))
-    selections = {  # label: (selector, layer_chunk_size)
-        "last layer's 6 kernels and the head (7 layers)": (
-            lambda n: n == "classifier/kernel" or (bert_measured_layer(n) and "/layer/5/" in n),
-            None,
-        ),
-        "default (37 layers: attention/FFN kernels and the head), 1 layer at a time": (
-            bert_measured_layer,
-            1,
-        ),
-    }
-    if args.skip_full:
-        selections.popitem()
-    for label, (select, layer_chunk) in selections.items():
+    last = "last layer's 6 kernels and the head (7 layers)"
+    full = "default (37 layers: attention/FFN kernels of the 6 blocks and the head)"
+    runs = [(last, lambda n: n == "classifier/kernel" or (bert_measured_layer(n) and
+             "/layer/5/" in n), None, False)]  # fmt: skip
+    for spec in [] if args.skip_full else args.full:
+        method, _, chunk = spec.partition(":")
+        if method not in ("brute", "screening") or not (chunk == "all" or chunk.isdigit()):
+            raise SystemExit(f"--full: expected METHOD:LAYER_CHUNK, got {spec!r}")
+        runs.append((full, bert_measured_layer, None if chunk == "all" else int(chunk),
+                     method == "screening"))  # fmt: skip
+    for label, select, layer_chunk, screening in runs:
         part = layer_partition(pdict, select=lambda n, leaf, s=select: s(n))
-        one = (examples[0][:1], examples[1][:1])
 
-        def measure(ex, part=part, layer_chunk=layer_chunk):
+        def measure(ex, part=part, layer_chunk=layer_chunk, screening=screening):
             return hessian_distance(example_loss, pdict, anchor, ex, n=1000, partition=part,
-                                    num_iters=args.num_iters,
-                                    layer_chunk_size=layer_chunk).measure  # fmt: skip
+                                    num_iters=args.num_iters, layer_chunk_size=layer_chunk,
+                                    screening=screening,
+                                    screen_chunk_size=args.screen_chunk_size)  # fmt: skip
 
-        _, compile_and_first = timed(measure, one)
-        hd, t = timed(measure, examples)
+        t0 = time.perf_counter()
+        first = measure(examples)
+        first_measure = float(first.measure)  # waits for the result
+        first_call = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        hd = measure(examples)
+        hd_measure = float(hd.measure)
+        t = time.perf_counter() - t0
         row = {
             "layers": label,
             "num_layers": part.num_layers,
             "num_iters": args.num_iters,
             "layer_chunk_size": layer_chunk,
+            "screening": screening,
             "num_examples": args.examples,
             "seconds_per_example": t / args.examples,
-            "first_call_seconds_one_example": compile_and_first,
-            "measure": float(hd),
+            "seconds_second_call": t,
+            "first_call_seconds": first_call,
+            "compile_seconds_estimate": first_call - t,
+            "measure": hd_measure,
+            "measure_first_call": first_measure,
+            "argmax": [int(a) for a in np.asarray(hd.argmax)],
+            "load_average": os.getloadavg(),
         }
+        if screening:
+            row["num_refined"] = np.asarray(hd.num_refined).tolist()
         result["measure"].append(row)
         print(json.dumps(row), flush=True)
         save()
