@@ -45,7 +45,7 @@ import numpy as np
 
 import hessjax
 from hessjax import estimators
-from hessjax.hvp import batched_hvp, block_hvp, hvp, hvp_fn
+from hessjax.hessian import batched_hvp, block_hvp, hvp, hvp_fn
 from hessjax.partition import layer_partition
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_curvature.json"

@@ -5,10 +5,10 @@ For each device count ``D`` in ``--devices`` (default 1, 2, 4) a fresh subproces
 machine's cores: no speed-up is expected, the numbers check that the scaling code runs and
 what it costs) and times, after one compile-and-warm-up call:
 
-* the Hessian distance measure (``hessian_distance(..., mesh=)``) of a small MLP over
-  ``--examples`` examples: examples/s;
-* Hutchinson's trace (``hutchinson_trace(..., mesh=)``, jitted) with ``--probes`` probes:
-  probes/s;
+* the Hessian distance measure (``hessian_distance(..., map_fn=mesh_map(mesh))``) of a small
+  MLP over ``--examples`` examples: examples/s;
+* Hutchinson's trace (``hutchinson_trace(..., map_fn=mesh_map(mesh))``, jitted) with
+  ``--probes`` probes: probes/s;
 * Hessian-vector products of the mean loss over a batch, one per probe, the probes split over
   the mesh (``sharded_map`` of ``hvp_fn``): HVPs/s;
 * training steps of :func:`hessjax.train.fit` (TinyCNN, batch ``--batch-size`` split over the
@@ -48,9 +48,10 @@ def _worker(args) -> dict:
     from flax import nnx
 
     import hessjax
-    from hessjax.hvp import hvp_fn
-    from hessjax.sharding import make_mesh, sharded_map
-    from hessjax.train import TinyCNN, TrainConfig, cross_entropy, fit
+    from hessjax.hessian import hvp_fn
+    from hessjax.models import TinyCNN
+    from hessjax.sharding import make_mesh, mesh_map, sharded_map
+    from hessjax.train import TrainConfig, cross_entropy, fit
 
     mesh = make_mesh()
     d = mesh.devices.size
@@ -82,7 +83,14 @@ def _worker(args) -> dict:
 
     t, hd = timed(
         lambda: hessjax.hessian_distance(
-            loss, params, anchor, ex, n=1000, num_iters=8, chunk_size=args.chunk, mesh=mesh
+            loss,
+            params,
+            anchor,
+            ex,
+            n=1000,
+            num_iters=8,
+            chunk_size=args.chunk,
+            map_fn=mesh_map(mesh),
         ),
         args.repeats,
     )
@@ -96,7 +104,12 @@ def _worker(args) -> dict:
     @jax.jit
     def trace(p):
         return hessjax.hutchinson_trace(
-            hvp_fn(mean_loss, p), p, key, num_probes=args.probes, chunk_size=args.chunk, mesh=mesh
+            hvp_fn(mean_loss, p),
+            p,
+            key,
+            num_probes=args.probes,
+            chunk_size=args.chunk,
+            map_fn=mesh_map(mesh),
         ).value
 
     t, value = timed(lambda: trace(params), args.repeats)

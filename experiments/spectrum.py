@@ -5,7 +5,7 @@ for the anchor (pretrained weights, new zero head) and the fine-tuned weights co
 batch of training examples with the model in eval mode:
 per-layer traces ``max_x Tr[H_i^+]`` and ``mean_x Tr[H_i^+]`` (:func:`hessjax.layer_traces`),
 the top eigenvalues of each layer's diagonal block of the batch-loss Hessian
-(:func:`hessjax.estimators.eigenvalues` over :func:`hessjax.hvp.block_hvp_fn`) and the
+(:func:`hessjax.estimators.eigenvalues` over :func:`hessjax.hessian.block_hvp_fn`) and the
 spectral density of the full batch-loss Hessian (:func:`hessjax.estimators.spectral_density`).
 
     .venv/bin/python experiments/spectrum.py                      # CPU default
@@ -64,7 +64,7 @@ def curvature(run_dir: Path, checkpoint: str, c: dict, seed: int, layers: str | 
 
     from hessjax.estimators import eigenvalues, spectral_density
     from hessjax.experiment import load_run
-    from hessjax.hvp import block_hvp_fn, hvp_fn
+    from hessjax.hessian import block_hvp_fn, hvp_fn
     from hessjax.measures import layer_traces
 
     r = load_run(run_dir, checkpoint=checkpoint, layers=layers)

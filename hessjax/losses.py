@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hessjax.noise import _concrete, validate_labels, validate_transition
+from hessjax._util import concrete as _concrete
+from hessjax.noise import validate_labels, validate_transition
 
 __all__ = [
     "backward_corrected_cross_entropy",

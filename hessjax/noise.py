@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hessjax._util import concrete as _concrete
+
 __all__ = [
     "confusion_counts",
     "corrupt_labels",
@@ -26,14 +28,6 @@ __all__ = [
     "validate_labels",
     "validate_transition",
 ]
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-    """``x`` as a numpy array when its value is known, ``None`` when it is traced."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
 def _check_rate(rate: Any, name: str = "rate") -> None:

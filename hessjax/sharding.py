@@ -27,6 +27,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -38,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hessjax.hvp import _num_rows, chunked_vmap
+from hessjax.mapping import check_chunk_size, chunked_vmap, num_rows
 
 PyTree = Any
 
@@ -49,6 +50,10 @@ __all__ = [
     "replicate",
     "fsdp_sharding",
     "sharded_map",
+    "MeshMap",
+    "mesh_map",
+    "put",
+    "row_sharding",
     "initialize_distributed",
 ]
 
@@ -152,7 +157,7 @@ def _place(tree: PyTree, sharding: Any) -> PyTree:
 
 def _pad_rows(xs: PyTree, multiple: int) -> tuple[PyTree, int, int]:
     """Pads the leading axis to a multiple of ``multiple`` by repeating the last row."""
-    m = _num_rows(xs, "batch")
+    m = num_rows(xs, "batch")
     padded = -(-m // multiple) * multiple
     if padded == m:
         return xs, m, padded
@@ -316,11 +321,8 @@ def sharded_map(
       Array([2., 2., 2., 2., 2.], dtype=float32)
     """
     axis = _axis(mesh, axis_name)
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    m = _num_rows(xs, "xs")
+    check_chunk_size(chunk_size)
+    m = num_rows(xs, "xs")
     rows = NamedSharding(mesh, P(axis))
     padded, _, _ = _pad_rows(xs, mesh_size(mesh, axis))
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(padded))
@@ -340,6 +342,77 @@ def _gather_jit(out, *, m, mesh):
 
 def _gather(out: PyTree, m: int, mesh: Mesh) -> PyTree:
     return _gather_jit(out, m=m, mesh=mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshMap:
+    """A map function (:class:`hessjax.mapping.MapFn`) that splits the rows over a mesh axis.
+
+    ``MeshMap(mesh)(fn, xs, chunk_size=c)`` is :func:`sharded_map` ``(fn, xs, mesh,
+    chunk_size=c)``; pass it as ``map_fn=`` to any estimator or measure to run it
+    data-parallel. ``num_devices`` is the device count along the axis; ``place(tree)``
+    replicates values closed over by the mapped function. Frozen and hashable, so it can be a
+    static argument of ``jit``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> MeshMap(make_mesh(1))(lambda x: 2 * x, jnp.arange(3.0)).tolist()
+      [0.0, 2.0, 4.0]
+    """
+
+    mesh: Mesh
+    axis_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _axis(self.mesh, self.axis_name)  # raises naming the mesh or the axis
+
+    @property
+    def num_devices(self) -> int:
+        return mesh_size(self.mesh, self.axis_name)
+
+    def place(self, tree: PyTree) -> PyTree:
+        return replicate(tree, self.mesh)
+
+    def __call__(
+        self, fn: Callable[[PyTree], PyTree], xs: PyTree, *, chunk_size: int | None = None
+    ) -> PyTree:
+        return sharded_map(fn, xs, self.mesh, chunk_size=chunk_size, axis_name=self.axis_name)
+
+
+def mesh_map(mesh: Mesh | None, axis_name: str | None = None) -> Any:
+    """The map function for ``mesh``: :class:`MeshMap`, or :func:`hessjax.chunked_vmap` for None.
+
+    Example:
+      >>> from hessjax.mapping import chunked_vmap
+      >>> mesh_map(None) is chunked_vmap
+      True
+    """
+    return chunked_vmap if mesh is None else MeshMap(mesh, axis_name)
+
+
+def put(tree: PyTree, sharding: Any) -> PyTree:
+    """``jax.device_put(tree, sharding)`` that also works across processes.
+
+    Every process must hold the same host data (as after :func:`initialize_distributed`).
+    ``sharding`` is one ``NamedSharding`` for every leaf or a pytree of them like ``tree``
+    (e.g. :func:`fsdp_sharding`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> put(jnp.ones(2), row_sharding(make_mesh(1))).sharding.spec
+      P('data',)
+    """
+    return _place(tree, sharding)
+
+
+def row_sharding(mesh: Mesh, axis_name: str | None = None) -> NamedSharding:
+    """``NamedSharding(mesh, P(axis))``: the leading (row) axis split over the data axis.
+
+    Example:
+      >>> row_sharding(make_mesh(1)).spec
+      P('data',)
+    """
+    return NamedSharding(mesh, P(_axis(mesh, axis_name)))
 
 
 def initialize_distributed(

@@ -16,9 +16,10 @@ import optax
 from flax import nnx
 
 import hessjax
-from hessjax.hvp import hvp_fn
-from hessjax.sharding import fsdp_sharding, make_mesh, shard_batch
-from hessjax.train import TinyCNN, TrainConfig, cross_entropy, fit
+from hessjax.hessian import hvp_fn
+from hessjax.models import TinyCNN
+from hessjax.sharding import fsdp_sharding, make_mesh, mesh_map, shard_batch
+from hessjax.train import TrainConfig, cross_entropy, fit
 
 
 def _err(a, b) -> float:
@@ -51,7 +52,7 @@ def main() -> dict:
         a = hessjax.hessian_distance(_loss, params, anchor, ex, **kw)
         for mesh in meshes:
             name = str(mesh.devices.size)
-            b = hessjax.hessian_distance(_loss, params, anchor, ex, mesh=mesh, **kw)
+            b = hessjax.hessian_distance(_loss, params, anchor, ex, map_fn=mesh_map(mesh), **kw)
             out[f"measure_{variant}_{name}"] = {
                 "per_layer_rel": _err(a.per_layer, b.per_layer) / float(jnp.max(a.per_layer)),
                 "argmax_equal": bool(jnp.all(a.argmax == b.argmax)),
@@ -63,7 +64,9 @@ def main() -> dict:
     kw = dict(n=100, chunk_size=2, num_iters=6, screen_chunk_size=2)
     a = hessjax.hessian_distance(_loss, params, anchor, ex, **kw)
     for mesh in (mesh4, mesh3):
-        b = hessjax.hessian_distance(_loss, params, anchor, ex, mesh=mesh, screening=True, **kw)
+        b = hessjax.hessian_distance(
+            _loss, params, anchor, ex, map_fn=mesh_map(mesh), screening=True, **kw
+        )
         out[f"measure_screened_{mesh.devices.size}"] = {
             "per_layer_rel": _err(a.per_layer, b.per_layer) / float(jnp.max(a.per_layer)),
             "argmax_equal": bool(jnp.all(a.argmax == b.argmax)),
@@ -74,7 +77,9 @@ def main() -> dict:
     # the maximising example in the last (padded) shard must still win: make it the max
     big = (ex[0].at[m - 1].multiply(3.0), ex[1])
     a = hessjax.hessian_distance(_loss, params, anchor, big, n=100, num_iters=6)
-    b = hessjax.hessian_distance(_loss, params, anchor, big, n=100, num_iters=6, mesh=mesh4)
+    b = hessjax.hessian_distance(
+        _loss, params, anchor, big, n=100, num_iters=6, map_fn=mesh_map(mesh4)
+    )
     out["measure_last_shard"] = {
         "argmax": np.asarray(a.argmax).tolist(),
         "argmax_sharded": np.asarray(b.argmax).tolist(),
@@ -88,11 +93,11 @@ def main() -> dict:
     # (hutchpp_trace and trace_of_function share this code path; compiles are the cost here)
     kw = dict(num_probes=10, chunk_size=3, partition=part)
     a = hessjax.hutchinson_trace(matvec, params, key, **kw)
-    b = hessjax.hutchinson_trace(matvec, params, key, mesh=mesh4, **kw)
+    b = hessjax.hutchinson_trace(matvec, params, key, map_fn=mesh_map(mesh4), **kw)
     out["hutchinson_trace"] = {"value": _err(a.value, b.value), "stderr": _err(a.stderr, b.stderr)}
     kw = dict(num_probes=7, num_iters=5, chunk_size=2)
     a = hessjax.spectral_density(matvec, params, key, **kw)
-    b = hessjax.spectral_density(matvec, params, key, mesh=mesh4, **kw)
+    b = hessjax.spectral_density(matvec, params, key, map_fn=mesh_map(mesh4), **kw)
     out["spectral_density"] = {
         "nodes": _err(a.nodes, b.nodes),
         "weights": _err(a.weights, b.weights),
@@ -105,7 +110,7 @@ def main() -> dict:
                 p,
                 key,
                 num_probes=6,
-                mesh=mesh,
+                map_fn=mesh_map(mesh),
             ).value
         ),
         static_argnums=1,

@@ -21,6 +21,7 @@ from hessjax.sharding import (
     fsdp_sharding,
     initialize_distributed,
     make_mesh,
+    mesh_map,
     mesh_size,
     replicate,
     shard_batch,
@@ -88,7 +89,7 @@ def test_replicate_and_fsdp_one_device():
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_sharded_map_equals_chunked_vmap(jit):
-    from hessjax.hvp import chunked_vmap
+    from hessjax.mapping import chunked_vmap
 
     xs = jnp.arange(14.0).reshape(7, 2)
     fn = lambda x: jnp.sin(x).sum()
@@ -99,7 +100,7 @@ def test_sharded_map_equals_chunked_vmap(jit):
         sharded_map(fn, xs, make_mesh(1), chunk_size=0)
 
 
-def test_mesh_keyword_one_device_matches():
+def test_mesh_map_one_device_matches():
     import hessjax
 
     params = {"w": jnp.array([[1.0, 0.5], [0.2, -0.3]])}
@@ -107,7 +108,7 @@ def test_mesh_keyword_one_device_matches():
     loss = lambda p, ex: 0.5 * jnp.sum((p["w"] @ ex[0] - ex[1]) ** 2) + jnp.sum(p["w"] ** 4)
     examples = (jnp.arange(6.0).reshape(3, 2), jnp.ones((3, 2)))
     a = hessjax.hessian_distance(loss, params, anchor, examples, n=10)
-    b = hessjax.hessian_distance(loss, params, anchor, examples, n=10, mesh=make_mesh(1))
+    b = hessjax.hessian_distance(loss, params, anchor, examples, n=10, map_fn=mesh_map(make_mesh(1)))
     np.testing.assert_allclose(a.per_layer, b.per_layer, rtol=1e-6)
     assert int(a.argmax[0]) == int(b.argmax[0])
 

@@ -6,11 +6,11 @@ quadrature), ``Tr f(H)`` and a PyHessian-style power iteration for comparison.
 
 Conventions (as in matfree): an estimator is a pure function that takes the operator as a
 ``matvec`` over params-shaped pytrees (any symmetric linear operator: a Hessian from
-:func:`hessjax.hvp.hvp_fn`, the block-diagonal layer Hessian from
-:func:`hessjax.hvp.block_hvp_fn`, a dense matrix), a ``like`` pytree that fixes the shapes, and,
+:func:`hessjax.hessian.hvp_fn`, the block-diagonal layer Hessian from
+:func:`hessjax.hessian.block_hvp_fn`, a dense matrix), a ``like`` pytree that fixes the shapes, and,
 where random, an explicit PRNG ``key``. Static sizes (``num_probes``, ``num_iters``, ``k``,
 ``chunk_size``) are keyword-only. Everything is jittable with the matvec closed over; probes are
-vmapped in chunks of ``chunk_size`` (:func:`hessjax.hvp.chunked_vmap`). Random estimators return
+vmapped in chunks of ``chunk_size`` (:func:`hessjax.hessian.chunked_vmap`). Random estimators return
 an :class:`Estimate` ``(value, stderr)``.
 
 Per-layer versions: given a :class:`~hessjax.partition.Partition` the matvec is assumed to be

@@ -10,9 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hessjax.hvp import chunked_vmap
+from hessjax.mapping import check_map_fn, compile_once, drives_host_loop
 from hessjax.partition import Partition, path_name
-from hessjax.sharding import sharded_map
 
 PyTree = Any
 Matvec = Callable[[PyTree], PyTree]
@@ -32,7 +31,7 @@ class Estimate(NamedTuple):
     stderr: jax.Array
 
 
-def _check_int(name: str, value: Any, minimum: int = 1) -> int:
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
     if value < minimum:
@@ -40,12 +39,12 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
-def _check_chunk(chunk_size: Any) -> None:
+def check_chunk(chunk_size: Any) -> None:
     if chunk_size is not None:
-        _check_int("chunk_size", chunk_size)
+        check_int("chunk_size", chunk_size)
 
 
-def _layout(like: PyTree, partition: Partition | None, name: str) -> tuple[Partition, bool]:
+def probe_layout(like: PyTree, partition: Partition | None, name: str) -> tuple[Partition, bool]:
     """The partition to compute with: ``partition`` itself, or one layer of all leaves.
 
     Returns ``(partition, per_layer)``; ``per_layer`` is False for the single-layer stand-in,
@@ -78,15 +77,15 @@ def _layout(like: PyTree, partition: Partition | None, name: str) -> tuple[Parti
     return partition, True
 
 
-def _dtype(tree: PyTree) -> Any:
+def tree_dtype(tree: PyTree) -> Any:
     return jnp.result_type(*jax.tree_util.tree_leaves(tree))
 
 
-def _squeeze(x: Any, per_layer: bool) -> Any:
+def squeeze_layers(x: Any, per_layer: bool) -> Any:
     return x if per_layer else jax.tree_util.tree_map(lambda a: a[0], x)
 
 
-def _random_tree(
+def random_tree(
     key: jax.Array, like: PyTree, part: Partition, num: int, kind: str = "rademacher"
 ) -> PyTree:
     """``num`` random vectors shaped like ``like`` (leading axis ``num``), zero off-layer.
@@ -111,14 +110,14 @@ def _random_tree(
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _stats(samples: jax.Array) -> Estimate:
+def probe_stats(samples: jax.Array) -> Estimate:
     """Mean and standard error over the leading (probe) axis."""
     num = samples.shape[0]
     std = jnp.std(samples, axis=0, ddof=1) if num > 1 else jnp.full(samples.shape[1:], jnp.nan)
     return Estimate(jnp.mean(samples, axis=0), std.astype(samples.dtype) / math.sqrt(num))
 
 
-def _combine(part: Partition, stacked: PyTree, coef: jax.Array) -> PyTree:
+def combine_basis(part: Partition, stacked: PyTree, coef: jax.Array) -> PyTree:
     """``sum_j coef[j, layer] * stacked[j]`` leafwise (zero on leaves in no layer)."""
     leaves, treedef = jax.tree_util.tree_flatten(stacked)
     out = []
@@ -130,12 +129,32 @@ def _combine(part: Partition, stacked: PyTree, coef: jax.Array) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _safe_inverse(x: jax.Array, ok: jax.Array) -> jax.Array:
+def safe_inverse(x: jax.Array, ok: jax.Array) -> jax.Array:
     return jnp.where(ok, 1.0 / jnp.where(ok, x, 1.0), 0.0).astype(x.dtype)
 
 
-def _map(fn: Callable, xs: PyTree, chunk_size: int | None, mesh: Any) -> PyTree:
-    """``chunked_vmap`` over the probe axis; split over ``mesh``'s data axis when given."""
-    if mesh is None:
-        return chunked_vmap(fn, xs, chunk_size=chunk_size)
-    return sharded_map(fn, xs, mesh, chunk_size=chunk_size)
+def map_probes(fn: Callable, xs: PyTree, chunk_size: int | None, map_fn: Any) -> PyTree:
+    """``map_fn`` (default :func:`hessjax.chunked_vmap`) over the probe axis."""
+    return check_map_fn(map_fn)(fn, xs, chunk_size=chunk_size)
+
+
+def run_compiled(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` through :func:`hessjax.mapping.compile_once` (compiled once per
+    computation and shapes); called directly under a trace."""
+    call = compile_once(fn, *args)
+    return fn(*args) if call is None else call(*args)
+
+
+def host_loops(map_fn: Any, *trees: PyTree) -> bool:
+    """Whether loops should run from Python over compiled steps: the map function asks for it
+    (:func:`hessjax.mapping.drives_host_loop`, the default on CPU) and nothing is traced."""
+    if not drives_host_loop(check_map_fn(map_fn)):
+        return False
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(trees))
+
+
+def draw_probes(
+    key: jax.Array, like: PyTree, part: Partition, num: int, kind: str = "rademacher"
+) -> PyTree:
+    """:func:`random_tree` as one compiled program (eagerly: not one small program per leaf)."""
+    return run_compiled(lambda k: random_tree(k, like, part, num, kind), key)

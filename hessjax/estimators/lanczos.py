@@ -12,18 +12,22 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hessjax.estimators._base import (
     Matvec,
     PyTree,
-    _check_int,
-    _combine,
-    _dtype,
-    _layout,
-    _random_tree,
-    _safe_inverse,
-    _squeeze,
+    check_int,
+    combine_basis,
+    draw_probes,
+    host_loops,
+    probe_layout,
+    run_compiled,
+    safe_inverse,
+    squeeze_layers,
+    tree_dtype,
 )
+from hessjax.mapping import MapFn, compile_once
 from hessjax.partition import Partition
 
 # Lanczos breakdown: beta_j <= _BREAKDOWN_RTOL * sqrt(num_iters) * eps * scale, where ``scale``
@@ -53,17 +57,28 @@ class LanczosResult(NamedTuple):
     num_valid: jax.Array
 
 
-def _lanczos(matvec: Matvec, v0: PyTree, num_iters: int, part: Partition) -> LanczosResult:
-    """Lanczos on the layers of ``part`` at once; scalars with a leading ``(L,)`` axis."""
-    dtype = _dtype(v0)
+def _lanczos_init(v0: PyTree, num_iters: int, part: Partition) -> tuple:
+    dtype = tree_dtype(v0)
     num_layers = part.num_layers
-    tol = _BREAKDOWN_RTOL * math.sqrt(num_iters) * float(jnp.finfo(dtype).eps)
     norm0 = jnp.sqrt(part.sq_norms(v0))
     active0 = norm0 > 0
-    q0 = part.scale(v0, _safe_inverse(norm0, active0))
+    q0 = part.scale(v0, safe_inverse(norm0, active0))
     basis = jax.tree_util.tree_map(
         lambda x: jnp.zeros((num_iters,) + x.shape, x.dtype).at[0].set(x), q0
     )
+    zeros = jnp.zeros((num_iters, num_layers), dtype)
+    return (
+        basis,
+        zeros,
+        zeros,
+        active0,
+        jnp.zeros((num_layers,), jnp.int32),
+        jnp.zeros((num_layers,), dtype),
+    )
+
+
+def _lanczos_step(matvec: Matvec, part: Partition, num_iters: int, dtype) -> Any:
+    tol = _BREAKDOWN_RTOL * math.sqrt(num_iters) * float(jnp.finfo(dtype).eps)
     dots = jax.vmap(part.dot, in_axes=(0, None))
 
     def body(j, state):
@@ -73,26 +88,44 @@ def _lanczos(matvec: Matvec, v0: PyTree, num_iters: int, part: Partition) -> Lan
         alpha = part.dot(q, w)
         scale = jnp.maximum(scale, jnp.sqrt(part.sq_norms(w)))
         for _ in range(2):  # full reorthogonalisation: classical Gram-Schmidt, twice
-            w = jax.tree_util.tree_map(jnp.subtract, w, _combine(part, basis, dots(basis, w)))
+            w = jax.tree_util.tree_map(jnp.subtract, w, combine_basis(part, basis, dots(basis, w)))
         beta = jnp.sqrt(part.sq_norms(w))
         ok = active & (beta > tol * scale)
         alphas = alphas.at[j].set(jnp.where(active, alpha, 0))
         betas = betas.at[j].set(jnp.where(ok, beta, 0))
-        q_next = part.scale(w, _safe_inverse(beta, ok))
+        q_next = part.scale(w, safe_inverse(beta, ok))
         basis = jax.tree_util.tree_map(lambda x, y: x.at[j + 1].set(y, mode="drop"), basis, q_next)
         return basis, alphas, betas, ok, num_valid + active.astype(jnp.int32), scale
 
-    zeros = jnp.zeros((num_iters, num_layers), dtype)
-    state = (
-        basis,
-        zeros,
-        zeros,
-        active0,
-        jnp.zeros((num_layers,), jnp.int32),
-        jnp.zeros((num_layers,), dtype),
-    )
-    basis, alphas, betas, _, num_valid, _ = jax.lax.fori_loop(0, num_iters, body, state)
+    return body
+
+
+def _lanczos_result(state: tuple) -> LanczosResult:
+    basis, alphas, betas, _, num_valid, _ = state
     return LanczosResult(alphas.T, betas.T, basis, num_valid)
+
+
+def lanczos_run(
+    matvec: Matvec, v0: PyTree, num_iters: int, part: Partition, *, host: bool = False
+) -> LanczosResult:
+    """Lanczos on the layers of ``part`` at once; scalars with a leading ``(L,)`` axis.
+
+    ``host=True`` (and nothing traced) runs the steps from Python, each one call of a program
+    compiled once (:func:`hessjax.mapping.compile_once`, the state donated): on CPU the
+    product is several times slower as the body of ``lax.fori_loop``. Same numbers either way.
+    """
+    body = _lanczos_step(matvec, part, num_iters, tree_dtype(v0))
+    if host:
+        init = compile_once(lambda v: _lanczos_init(v, num_iters, part), v0)
+        if init is not None:
+            state = init(v0)
+            step = compile_once(body, np.int32(0), state, donate_argnums=(1,))
+            if step is not None:
+                for j in range(num_iters):
+                    state = step(np.int32(j), state)
+                return _lanczos_result(state)
+    state = _lanczos_init(v0, num_iters, part)
+    return _lanczos_result(jax.lax.fori_loop(0, num_iters, body, state))
 
 
 def lanczos(
@@ -101,6 +134,7 @@ def lanczos(
     *,
     num_iters: int,
     partition: Partition | None = None,
+    map_fn: MapFn | None = None,
 ) -> LanczosResult:
     """Lanczos tridiagonalisation with full reorthogonalisation, started at ``v0``.
 
@@ -125,6 +159,10 @@ def lanczos(
       v0: the start vector, a pytree (need not be normalised; zero gives all zeros).
       num_iters: keyword-only, the number of steps ``m >= 1``.
       partition: optional layers; then every scalar output has a leading axis ``L``.
+      map_fn: keyword-only, the loop strategy (:mod:`hessjax.mapping`; ``None``:
+        :func:`hessjax.mapping.default_map_fn`). With :func:`hessjax.mapping.host_map` (the
+        default on CPU) and no tracers, the steps run from Python, each one call of a step
+        compiled once per shapes; inside ``jit`` a ``lax.fori_loop``. Same numbers.
 
     Returns:
       A :class:`LanczosResult` ``(alphas, betas, basis, num_valid)``.
@@ -144,13 +182,13 @@ def lanczos(
       Lanczos 1950; Golub & Van Loan, "Matrix computations", section 10.1 (full
       reorthogonalisation); Ju, Li & Zhang, ICML 2022.
     """
-    num_iters = _check_int("num_iters", num_iters)
-    part, per_layer = _layout(v0, partition, "v0")
+    num_iters = check_int("num_iters", num_iters)
+    part, per_layer = probe_layout(v0, partition, "v0")
     leaves = jax.tree.leaves(v0)
     if not any(isinstance(x, jax.core.Tracer) for x in leaves):
         if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
             raise ValueError("v0: the start vector holds NaN or inf values")
-    res = _lanczos(matvec, v0, num_iters, part)
+    res = lanczos_run(matvec, v0, num_iters, part, host=host_loops(map_fn, v0))
     if per_layer:
         return res
     return LanczosResult(res.alphas[0], res.betas[0], res.basis, res.num_valid[0])
@@ -166,7 +204,7 @@ def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
     return alphas[..., None] * eye + pad[..., :, None] * up + pad[..., None, :] * up.T
 
 
-def _ritz(res: LanczosResult) -> tuple[jax.Array, jax.Array, jax.Array]:
+def ritz_values(res: LanczosResult) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Eigen-decomposition of ``T``, spurious (exhausted) entries moved to the front.
 
     Returns ``(theta, vectors, genuine)``: ascending Ritz values ``(..., m)``, eigenvectors of
@@ -198,6 +236,7 @@ def eigenvalues(
     num_iters: int | None = None,
     return_vectors: bool = False,
     partition: Partition | None = None,
+    map_fn: MapFn | None = None,
 ) -> Any:
     """The ``k`` largest and/or smallest eigenvalues by Lanczos from a random start.
 
@@ -221,6 +260,8 @@ def eigenvalues(
       return_vectors: also return the eigenvectors (pytrees like ``like`` stacked on a leading
         axis ``k``; per layer, leaf ``i`` of vector ``j`` is layer ``i``'s ``j``-th vector).
       partition: optional layers; eigenvalues then have shape ``(L, k)``.
+      map_fn: keyword-only, the loop strategy, as in :func:`lanczos` (default on CPU: the
+        steps from Python over one compiled step).
 
     Returns:
       ``values`` (shape ``(k,)`` or ``(L, k)``), or ``(values, vectors)`` with
@@ -243,34 +284,43 @@ def eigenvalues(
     """
     if which not in ("top", "bottom", "both"):
         raise ValueError(f"which must be 'top', 'bottom' or 'both', got {which!r}")
-    k = _check_int("k", k)
-    part, per_layer = _layout(like, partition, "like")
+    k = check_int("k", k)
+    part, per_layer = probe_layout(like, partition, "like")
     dim = min(part.sizes)
     if k > dim:
         what = "the smallest layer size" if per_layer else "the dimension"
         raise ValueError(f"k must be <= {what} {dim}, got k={k}")
     if num_iters is None:
         num_iters = min(max(part.sizes), 2 * k + 20)
-    num_iters = _check_int("num_iters", num_iters)
+    num_iters = check_int("num_iters", num_iters)
     if num_iters < k:
         raise ValueError(f"num_iters must be >= k={k}, got {num_iters}")
     num_iters = min(num_iters, max(part.sizes))
 
-    v0 = jax.tree_util.tree_map(lambda x: x[0], _random_tree(key, like, part, 1, "normal"))
-    res = _lanczos(matvec, v0, num_iters, part)
-    theta, vectors, _ = _ritz(res)  # (L, m), (L, m, m)
-    m = num_iters
+    v0 = jax.tree_util.tree_map(lambda x: x[0], draw_probes(key, like, part, 1, "normal"))
+    res = lanczos_run(matvec, v0, num_iters, part, host=host_loops(map_fn, key))
+    return run_compiled(
+        lambda res: _pick_eigen(res, part, k, which, return_vectors, per_layer), res
+    )
+
+
+def _pick_eigen(
+    res: LanczosResult, part: Partition, k: int, which: str, return_vectors: bool, per_layer: bool
+) -> Any:
+    """The top/bottom ``k`` Ritz values (and vectors) of a Lanczos run (see eigenvalues)."""
+    theta, vectors, _ = ritz_values(res)  # (L, m), (L, m, m)
+    m = res.alphas.shape[-1]
     t = jnp.arange(k)
     found = t < res.num_valid[:, None]  # (L, k)
 
     def pick(index: jax.Array) -> Any:  # index: (L, k) positions in the ascending order
         values = jnp.where(found, jnp.take_along_axis(theta, index, axis=-1), jnp.nan)
-        values = _squeeze(values, per_layer)
+        values = squeeze_layers(values, per_layer)
         if not return_vectors:
             return values
         coef = jnp.take_along_axis(vectors, index[:, None, :], axis=-1)  # (L, m, k)
         coef = jnp.where(found[:, None, :], coef, jnp.nan)
-        stacked = [_combine(part, res.basis, coef[:, :, j].T) for j in range(k)]
+        stacked = [combine_basis(part, res.basis, coef[:, :, j].T) for j in range(k)]
         vecs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *stacked)
         return values, vecs
 

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hessjax.estimators._base import (
     Matvec,
     PyTree,
-    _check_int,
-    _dtype,
-    _layout,
-    _random_tree,
-    _safe_inverse,
+    check_int,
+    draw_probes,
+    host_loops,
+    probe_layout,
+    run_compiled,
+    safe_inverse,
+    tree_dtype,
 )
+from hessjax.mapping import MapFn, compile_once
 
 
 def power_iteration(
@@ -29,6 +33,7 @@ def power_iteration(
     k: int = 1,
     num_iters: int,
     tol: float = 1e-3,
+    map_fn: MapFn | None = None,
 ) -> tuple[jax.Array, PyTree, jax.Array]:
     """Power iteration with deflation (PyHessian style), for comparison with Lanczos.
 
@@ -49,6 +54,10 @@ def power_iteration(
       k: keyword-only, the number of eigenpairs, ``1 <= k <= dim``.
       num_iters: keyword-only, the maximum number of steps per eigenpair.
       tol: the relative-change stopping tolerance.
+      map_fn: keyword-only, the loop strategy (:func:`hessjax.estimators.lanczos`): with the
+        default on CPU the steps run from Python over one compiled step shared by all ``k``
+        eigenpairs (the test for convergence read back each step); inside ``jit`` a
+        ``lax.while_loop``. Same numbers.
 
     Returns:
       ``(eigenvalues (k,), vectors (pytree, leading axis k), num_matvecs)``, in the order
@@ -69,9 +78,9 @@ def power_iteration(
       Yao, Gholami, Keutzer & Mahoney, "PyHessian: neural networks through the lens of the
       Hessian", 2020; reference code of Ju, Li & Zhang, ICML 2022.
     """
-    k = _check_int("k", k)
-    num_iters = _check_int("num_iters", num_iters)
-    part, _ = _layout(like, None, "like")
+    k = check_int("k", k)
+    num_iters = check_int("num_iters", num_iters)
+    part, _ = probe_layout(like, None, "like")
     dim = part.sizes[0]
     if k > dim:
         raise ValueError(f"k must be <= the dimension {dim}, got k={k}")
@@ -79,38 +88,55 @@ def power_iteration(
 
     def normalise(v: PyTree) -> PyTree:
         norm = jnp.sqrt(dot(v, v))
-        return jax.tree_util.tree_map(lambda x: x * _safe_inverse(norm, norm > 0), v)
+        return jax.tree_util.tree_map(lambda x: x * safe_inverse(norm, norm > 0), v)
 
-    starts = _random_tree(key, like, part, k, "normal")
-    found: list[PyTree] = []
-    values = []
-    count = jnp.zeros((), jnp.int32)
+    def orth(found: PyTree, num_found: jax.Array, v: PyTree) -> PyTree:
+        # Gram-Schmidt against the first num_found rows of found, one after another.
+        for i in range(k - 1):
+            u = jax.tree_util.tree_map(lambda x, i=i: x[i], found)
+            c = jnp.where(i < num_found, dot(u, v), 0)
+            v = jax.tree_util.tree_map(lambda x, y: x - c * y, v, u)
+        return normalise(v)
+
+    def body(state):
+        it, v, value, _, found, num_found = state
+        v = orth(found, num_found, v)
+        hv = matvec(v)
+        new = dot(hv, v)
+        done = (it > 0) & (jnp.abs(value - new) / (jnp.abs(value) + 1e-6) < tol)
+        return it + 1, normalise(hv), new, done, found, num_found
+
+    def start(starts, found, j):  # the initial state of eigenpair j
+        v = jax.tree_util.tree_map(
+            lambda x: jax.lax.dynamic_index_in_dim(x, j, keepdims=False), starts
+        )
+        zero = jnp.zeros((), tree_dtype(like))
+        return (jnp.zeros((), jnp.int32), normalise(v), zero, jnp.zeros((), bool), found, j)
+
+    def store(state):  # orth(v) into row num_found of found
+        _, v, _, _, found, j = state
+        v = orth(found, j, v)
+        return jax.tree_util.tree_map(lambda f, x: f.at[j].set(x), found, v)
+
+    starts = draw_probes(key, like, part, k, "normal")
+    found = jax.tree_util.tree_map(jnp.zeros_like, starts)
+    host = host_loops(map_fn, key)
+    step = None
+    if host:
+        state0 = run_compiled(start, starts, found, np.int32(0))
+        step = compile_once(body, state0)
+    values, count = [], 0
     for j in range(k):
-        v = jax.tree_util.tree_map(lambda x, j=j: x[j], starts)
-
-        def orth(v: PyTree) -> PyTree:
-            for u in found:
-                c = dot(u, v)
-                v = jax.tree_util.tree_map(lambda x, y: x - c * y, v, u)
-            return normalise(v)
-
-        def cond(state):
-            it, _, _, done = state
-            return (it < num_iters) & ~done
-
-        def body(state):
-            it, v, value, _ = state
-            v = orth(v)
-            hv = matvec(v)
-            new = dot(hv, v)
-            done = (it > 0) & (jnp.abs(value - new) / (jnp.abs(value) + 1e-6) < tol)
-            return it + 1, normalise(hv), new, done
-
-        zero = jnp.zeros((), _dtype(like))
-        state = (jnp.zeros((), jnp.int32), normalise(v), zero, jnp.zeros((), bool))
-        it, v, value, _ = jax.lax.while_loop(cond, body, state)
-        found.append(orth(v))
-        values.append(value)
-        count = count + it
-    vectors = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *found)
-    return jnp.stack(values), vectors, count
+        state = run_compiled(start, starts, found, np.int32(j))
+        if step is not None:
+            it, done = 0, False
+            while it < num_iters and not done:
+                state = step(state)
+                it, done = it + 1, bool(state[3])
+        else:
+            cond = lambda st: (st[0] < num_iters) & ~st[3]
+            state = jax.lax.while_loop(cond, body, state)
+        found = run_compiled(store, state)
+        values.append(state[2])
+        count = count + state[0]
+    return run_compiled(lambda x: jnp.stack(x), values), found, jnp.asarray(count, jnp.int32)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,15 +23,18 @@ from hessjax.estimators._base import (
     Estimate,
     Matvec,
     PyTree,
-    _check_chunk,
-    _check_int,
-    _layout,
-    _map,
-    _random_tree,
-    _squeeze,
-    _stats,
+    check_chunk,
+    check_int,
+    draw_probes,
+    host_loops,
+    map_probes,
+    probe_layout,
+    probe_stats,
+    run_compiled,
+    squeeze_layers,
 )
-from hessjax.estimators.lanczos import LanczosResult, _lanczos, _ritz
+from hessjax.estimators.lanczos import LanczosResult, lanczos_run, ritz_values
+from hessjax.mapping import MapFn, compile_once
 from hessjax.partition import Partition
 
 
@@ -64,10 +67,29 @@ def positive_part(x: jax.Array) -> jax.Array:
 
 
 def _gauss_quadrature(res: LanczosResult, sq_norm: jax.Array, fn: Callable) -> jax.Array:
-    theta, vectors, genuine = _ritz(res)
+    theta, vectors, genuine = ritz_values(res)
     weights = jnp.where(genuine, vectors[..., 0, :] ** 2, 0)
     values = jnp.where(genuine, fn(jnp.where(genuine, theta, 0)), 0)
     return sq_norm * jnp.sum(weights * values, axis=-1)
+
+
+def _host_probes(
+    matvec: Matvec, probes: PyTree, num_iters: int, part: Partition, finish: Callable
+) -> PyTree | None:
+    """``finish(lanczos(z_p), z_p)`` for every probe, stacked; the Lanczos steps of one probe
+    after another from Python (one compiled step for all; ``None`` under a trace)."""
+    pick = lambda xs, p: jax.tree_util.tree_map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, p, keepdims=False), xs
+    )
+    take = compile_once(pick, probes, np.int32(0))
+    if take is None:
+        return None
+    out = []
+    for p in range(jax.tree_util.tree_leaves(probes)[0].shape[0]):
+        z = take(probes, np.int32(p))
+        res = lanczos_run(matvec, z, num_iters, part, host=True)
+        out.append(run_compiled(finish, res, z))
+    return run_compiled(lambda xs: jax.tree_util.tree_map(lambda *r: jnp.stack(r), *xs), out)
 
 
 def quadratic_form(
@@ -77,6 +99,7 @@ def quadratic_form(
     *,
     num_iters: int,
     partition: Partition | None = None,
+    map_fn: MapFn | None = None,
 ) -> jax.Array:
     """``v^T f(H) v`` by Lanczos (Gauss) quadrature started at ``v``.
 
@@ -99,6 +122,8 @@ def quadratic_form(
       fn: an elementwise jnp function of the eigenvalues (``jnp.exp``, :func:`positive_part`).
       num_iters: keyword-only, Lanczos steps ``>= 1``.
       partition: optional layers; the result then has shape ``(L,)``.
+      map_fn: keyword-only, the loop strategy (:func:`hessjax.estimators.lanczos`); under
+        ``vmap``/``jit`` always a ``lax`` loop.
 
     Returns:
       The scalar ``v^T f(H) v``, or the ``(L,)`` per-layer values.
@@ -117,11 +142,11 @@ def quadratic_form(
       Golub & Meurant, "Matrices, moments and quadrature with applications", 2010;
       Ju, Li & Zhang, ICML 2022 (``v_i^T H_i^+ v_i``).
     """
-    num_iters = _check_int("num_iters", num_iters)
-    part, per_layer = _layout(v, partition, "v")
+    num_iters = check_int("num_iters", num_iters)
+    part, per_layer = probe_layout(v, partition, "v")
     num_iters = min(num_iters, max(part.sizes))
-    res = _lanczos(matvec, v, num_iters, part)
-    value = _gauss_quadrature(res, part.sq_norms(v), fn)
+    res = lanczos_run(matvec, v, num_iters, part, host=host_loops(map_fn, v))
+    value = run_compiled(lambda res, v: _gauss_quadrature(res, part.sq_norms(v), fn), res, v)
     return value if per_layer else value[0]
 
 
@@ -131,6 +156,7 @@ def positive_quadratic_form(
     *,
     num_iters: int,
     partition: Partition | None = None,
+    map_fn: MapFn | None = None,
 ) -> jax.Array:
     """The truncated quadratic form ``v^T H^+ v`` (``H^+``: negative eigenvalues set to 0).
 
@@ -146,7 +172,9 @@ def positive_quadratic_form(
     References:
       Ju, Li & Zhang, ICML 2022, section 2 (``calH_i = max v_i^T H_i^+ v_i``).
     """
-    return quadratic_form(matvec, v, positive_part, num_iters=num_iters, partition=partition)
+    return quadratic_form(
+        matvec, v, positive_part, num_iters=num_iters, partition=partition, map_fn=map_fn
+    )
 
 
 def trace_of_function(
@@ -159,7 +187,7 @@ def trace_of_function(
     num_iters: int,
     chunk_size: int | None = None,
     partition: Partition | None = None,
-    mesh: Any = None,
+    map_fn: MapFn | None = None,
 ) -> Estimate:
     """``Tr f(H)`` by stochastic Lanczos quadrature (e.g. ``Tr H^+`` per layer).
 
@@ -177,11 +205,13 @@ def trace_of_function(
       fn: an elementwise jnp function of the eigenvalues.
       num_probes: keyword-only, ``>= 1``.
       num_iters: keyword-only, Lanczos steps per probe ``>= 1``.
-      chunk_size: keyword-only, how many probes run vmapped at once (``None``: all).
+      chunk_size: keyword-only, how many probes run vmapped at once (``None``: all) in the
+        ``lax`` path; the host loop (the default on CPU) runs probes one after another.
       partition: optional layers; then value and stderr have shape ``(L,)``.
-      mesh: keyword-only, a ``jax.sharding.Mesh`` (:func:`hessjax.sharding.make_mesh`): the
-        probes (each with its own Lanczos run) are split over its data axis; same probes as
-        without a mesh, so the same result for the same ``key`` (to float tolerance).
+      map_fn: keyword-only, the map over probes (:mod:`hessjax.mapping`; ``None``:
+        :func:`hessjax.chunked_vmap`); ``hessjax.sharding.mesh_map(mesh)`` splits the probes
+        (each with its own Lanczos run) over a mesh; same probes as without, so the same result
+        for the same ``key`` (to float tolerance).
 
     Returns:
       ``Estimate(value, stderr)`` (stderr NaN for one probe).
@@ -201,18 +231,23 @@ def trace_of_function(
       Ubaru, Chen & Saad, SIAM J. Matrix Anal. Appl. 2017; Ju, Li & Zhang, ICML 2022
       (``max Tr H_i^+`` in the distance-constrained bound).
     """
-    num_probes = _check_int("num_probes", num_probes)
-    num_iters = _check_int("num_iters", num_iters)
-    _check_chunk(chunk_size)
-    part, per_layer = _layout(like, partition, "like")
+    num_probes = check_int("num_probes", num_probes)
+    num_iters = check_int("num_iters", num_iters)
+    check_chunk(chunk_size)
+    part, per_layer = probe_layout(like, partition, "like")
     num_iters = min(num_iters, max(part.sizes))
-    probes = _random_tree(key, like, part, num_probes)
+    probes = draw_probes(key, like, part, num_probes)
+    finish = lambda res, z: _gauss_quadrature(res, part.sq_norms(z), fn)
+    samples = None
+    if host_loops(map_fn, key):
+        samples = _host_probes(matvec, probes, num_iters, part, finish)
+    if samples is None:
 
-    def one(z: PyTree) -> jax.Array:
-        return _gauss_quadrature(_lanczos(matvec, z, num_iters, part), part.sq_norms(z), fn)
+        def one(z: PyTree) -> jax.Array:
+            return finish(lanczos_run(matvec, z, num_iters, part), z)
 
-    samples = _map(one, probes, chunk_size, mesh)  # (num_probes, L)
-    return _squeeze(_stats(samples), per_layer)
+        samples = map_probes(one, probes, chunk_size, map_fn)  # (num_probes, L)
+    return run_compiled(lambda x: squeeze_layers(probe_stats(x), per_layer), samples)
 
 
 def spectral_density(
@@ -226,7 +261,7 @@ def spectral_density(
     sigma: float | jax.Array | None = None,
     num_grid: int = 1000,
     chunk_size: int | None = None,
-    mesh: Any = None,
+    map_fn: MapFn | None = None,
 ) -> SpectralDensity:
     """The eigenvalue density of ``H`` by stochastic Lanczos quadrature, Gaussian-broadened.
 
@@ -252,10 +287,12 @@ def spectral_density(
       sigma: the Gaussian width; default 1% of the range of the nodes (1% of ``|theta|`` or
         0.01 when the range is 0).
       num_grid: the number of default grid points.
-      chunk_size: keyword-only, how many probes run vmapped at once (per device with a mesh).
-      mesh: keyword-only, a ``jax.sharding.Mesh`` (:func:`hessjax.sharding.make_mesh`): the
-        probes (each with its own Lanczos run) are split over its data axis; same probes as
-        without a mesh, so the same result for the same ``key`` (to float tolerance).
+      chunk_size: keyword-only, how many probes run vmapped at once (per device with a mesh
+        map) in the ``lax`` path; the host loop (the default on CPU) runs probes one by one.
+      map_fn: keyword-only, the map over probes (:mod:`hessjax.mapping`; ``None``:
+        :func:`hessjax.chunked_vmap`); ``hessjax.sharding.mesh_map(mesh)`` splits the probes
+        (each with its own Lanczos run) over a mesh; same probes as without, so the same result
+        for the same ``key`` (to float tolerance).
 
     Returns:
       A :class:`SpectralDensity` ``(grid, density, nodes, weights)``.
@@ -276,26 +313,33 @@ def spectral_density(
       ICML 2019; Lin, Saad & Yang, "Approximating spectral densities of large matrices",
       SIAM Review 2016.
     """
-    num_probes = _check_int("num_probes", num_probes)
-    num_iters = _check_int("num_iters", num_iters)
-    num_grid = _check_int("num_grid", num_grid, minimum=2)
-    _check_chunk(chunk_size)
+    num_probes = check_int("num_probes", num_probes)
+    num_iters = check_int("num_iters", num_iters)
+    num_grid = check_int("num_grid", num_grid, minimum=2)
+    check_chunk(chunk_size)
     if sigma is not None and not isinstance(sigma, jax.core.Tracer):
         s_arr = np.asarray(sigma)
         if s_arr.shape != () or not np.isfinite(s_arr) or not s_arr > 0:
             raise ValueError(f"sigma: expected a finite scalar > 0, got {sigma!r}")
     if grid is not None and jnp.ndim(grid) != 1:
         raise ValueError(f"grid must be 1-D, got shape {jnp.shape(grid)}")
-    part, _ = _layout(like, None, "like")
+    part, _ = probe_layout(like, None, "like")
     num_iters = min(num_iters, max(part.sizes))
-    probes = _random_tree(key, like, part, num_probes)
+    probes = draw_probes(key, like, part, num_probes)
 
-    def one(z: PyTree) -> tuple[jax.Array, jax.Array]:
-        theta, vectors, genuine = _ritz(_lanczos(matvec, z, num_iters, part))
+    def finish(res: LanczosResult, z: PyTree) -> tuple[jax.Array, jax.Array]:
+        theta, vectors, genuine = ritz_values(res)
         weights = jnp.where(genuine, vectors[..., 0, :] ** 2, 0)[0]
         return jnp.where(genuine, theta, 0)[0], weights
 
-    nodes, weights = _map(one, probes, chunk_size, mesh)
+    out = None
+    if host_loops(map_fn, key):
+        out = _host_probes(matvec, probes, num_iters, part, finish)
+    if out is None:
+        out = map_probes(
+            lambda z: finish(lanczos_run(matvec, z, num_iters, part), z), probes, chunk_size, map_fn
+        )
+    nodes, weights = out
     dtype = nodes.dtype
     has = weights > 0
     lo = jnp.min(jnp.where(has, nodes, jnp.inf))

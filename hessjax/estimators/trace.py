@@ -8,8 +8,6 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,17 +17,17 @@ from hessjax.estimators._base import (
     Estimate,
     Matvec,
     PyTree,
-    _check_chunk,
-    _check_int,
-    _layout,
-    _map,
-    _random_tree,
-    _squeeze,
-    _stats,
+    check_chunk,
+    check_int,
+    draw_probes,
+    map_probes,
+    probe_layout,
+    probe_stats,
+    run_compiled,
+    squeeze_layers,
 )
+from hessjax.mapping import MapFn
 from hessjax.partition import Partition
-
-Mesh = Any  # a jax.sharding.Mesh (see hessjax.sharding)
 
 
 def hutchinson_trace(
@@ -40,7 +38,7 @@ def hutchinson_trace(
     num_probes: int,
     chunk_size: int | None = None,
     partition: Partition | None = None,
-    mesh: Mesh | None = None,
+    map_fn: MapFn | None = None,
 ) -> Estimate:
     """Hutchinson's stochastic trace estimate of a symmetric operator.
 
@@ -51,7 +49,7 @@ def hutchinson_trace(
     ``Tr H_ii = E[z_i^T H_ii z_i]`` come from the same probes (``partition.dot``).
 
     Cost: ``num_probes`` matvecs, vmapped ``chunk_size`` at a time (memory ``chunk_size``
-    matvecs and probes); with a ``mesh`` of ``D`` devices ``ceil(num_probes / D)`` per device.
+    matvecs and probes); with ``map_fn`` over ``D`` devices ``ceil(num_probes / D)`` per device.
 
     Args:
       matvec: ``v -> H v`` over pytrees like ``like`` (block-diagonal with a partition).
@@ -60,11 +58,11 @@ def hutchinson_trace(
       num_probes: keyword-only, the number of probes ``>= 1``.
       chunk_size: keyword-only, how many probes are vmapped at once (``None``: all).
       partition: optional layers; then value and stderr have shape ``(L,)``.
-      mesh: keyword-only, a ``jax.sharding.Mesh`` (:func:`hessjax.sharding.make_mesh`): the
-        probes are split over its data axis (:func:`hessjax.sharding.sharded_map`, any
-        ``num_probes``; ``chunk_size`` then applies per device). The probes are drawn as
-        without a mesh, so the estimate equals the single-device one for the same ``key``
-        (to float tolerance). ``None``: one device.
+      map_fn: keyword-only, the map over probes (:mod:`hessjax.mapping`); ``None``:
+        :func:`hessjax.chunked_vmap` on one device. ``hessjax.sharding.mesh_map(mesh)`` splits
+        the probes over a mesh's data axis (any ``num_probes``; ``chunk_size`` then applies per
+        device). The probes are drawn as without it, so the estimate equals the single-device
+        one for the same ``key`` (to float tolerance).
 
     Returns:
       ``Estimate(value, stderr)``; ``stderr`` is ``std(ddof=1) / sqrt(num_probes)``, NaN when
@@ -84,13 +82,12 @@ def hutchinson_trace(
     References:
       Hutchinson 1989; Ju, Li & Zhang, ICML 2022 (per-layer traces ``Tr H_i``).
     """
-    num_probes = _check_int("num_probes", num_probes)
-    _check_chunk(chunk_size)
-    part, per_layer = _layout(like, partition, "like")
-    probes = _random_tree(key, like, part, num_probes)
-    products = _map(matvec, probes, chunk_size, mesh)
-    samples = jax.vmap(part.dot)(probes, products)  # (num_probes, L)
-    return _squeeze(_stats(samples), per_layer)
+    num_probes = check_int("num_probes", num_probes)
+    check_chunk(chunk_size)
+    part, per_layer = probe_layout(like, partition, "like")
+    probes = draw_probes(key, like, part, num_probes)
+    samples = map_probes(lambda z: part.dot(z, matvec(z)), probes, chunk_size, map_fn)  # (P, L)
+    return run_compiled(lambda x: squeeze_layers(probe_stats(x), per_layer), samples)
 
 
 def _segments(part: Partition) -> np.ndarray:
@@ -110,7 +107,7 @@ def hutchpp_trace(
     num_probes: int,
     chunk_size: int | None = None,
     partition: Partition | None = None,
-    mesh: Mesh | None = None,
+    map_fn: MapFn | None = None,
 ) -> Estimate:
     """Hutch++ trace estimate: an exact trace on a sketched top subspace plus Hutchinson.
 
@@ -134,8 +131,10 @@ def hutchpp_trace(
       num_probes: keyword-only, the total number of matvecs, ``>= 3``.
       chunk_size: keyword-only, how many vectors are vmapped at once (``None``: all).
       partition: optional layers; then value and stderr have shape ``(L,)``.
-      mesh: keyword-only, a ``jax.sharding.Mesh``: the ``s``, ``s`` and ``g`` matvecs of each
-        stage are split over its data axis (same estimate as without, for the same ``key``).
+      map_fn: keyword-only, the map over vectors (:mod:`hessjax.mapping`; ``None``:
+        :func:`hessjax.chunked_vmap`); with ``hessjax.sharding.mesh_map(mesh)`` the ``s``,
+        ``s`` and ``g`` matvecs of each stage are split over the mesh (same estimate as without,
+        for the same ``key``).
 
     Returns:
       ``Estimate(value, stderr)``; ``stderr`` is that of the Hutchinson part (the sketch part
@@ -156,9 +155,9 @@ def hutchpp_trace(
       Meyer, Musco, Musco & Woodruff, "Hutch++: optimal stochastic trace estimation",
       SOSA 2021.
     """
-    num_probes = _check_int("num_probes", num_probes, minimum=3)
-    _check_chunk(chunk_size)
-    part, per_layer = _layout(like, partition, "like")
+    num_probes = check_int("num_probes", num_probes, minimum=3)
+    check_chunk(chunk_size)
+    part, per_layer = probe_layout(like, partition, "like")
     flat, unravel = ravel_pytree(like)
     n, dtype, num_layers = flat.shape[0], flat.dtype, part.num_layers
     seg = _segments(part)
@@ -168,25 +167,36 @@ def hutchpp_trace(
 
     def apply(rows: jax.Array) -> jax.Array:  # (m, n) -> (m, n): H applied to every row
         fn = lambda x: ravel_pytree(matvec(unravel(x)))[0].astype(dtype)
-        return _map(fn, rows, chunk_size, mesh)
+        return map_probes(fn, rows, chunk_size, map_fn)
 
     def per_layer_sum(x: jax.Array) -> jax.Array:  # (n, ...) -> (L, ...)
         return jax.ops.segment_sum(x, seg, num_segments=num_layers + 1)[:num_layers]
 
-    draws = jax.random.rademacher(key, (s + g, n), dtype) * mask  # one draw: S and G
-    sketch = apply(draws[:s])
     layers = [np.flatnonzero(seg == i) for i in range(num_layers)]
-    basis = jnp.zeros((s, n), dtype)  # rows: the columns of the block-diagonal Q
-    for idx in layers:
-        q, _ = jnp.linalg.qr(sketch[:, idx].T)  # (n_i, min(n_i, s))
-        basis = basis.at[: q.shape[1], idx].set(q.T)
-    exact = per_layer_sum(jnp.sum(basis * apply(basis), axis=0))  # Tr(Q_i^T H_ii Q_i)
 
-    probes = draws[s:]
-    for idx in layers:
-        q = basis[:, idx]  # (s, n_i)
-        block = probes[:, idx]
-        probes = probes.at[:, idx].set(block - (block @ q.T) @ q)
-    samples = per_layer_sum((probes * apply(probes)).T).T  # (g, L)
-    rest = _stats(samples)
-    return _squeeze(Estimate(exact + rest.value, rest.stderr), per_layer)
+    def sketch_basis(sketch: jax.Array) -> jax.Array:  # rows: the columns of block-diagonal Q
+        basis = jnp.zeros((s, n), dtype)
+        for idx in layers:
+            q, _ = jnp.linalg.qr(sketch[:, idx].T)  # (n_i, min(n_i, s))
+            basis = basis.at[: q.shape[1], idx].set(q.T)
+        return basis
+
+    def deflate(basis: jax.Array, probes: jax.Array) -> jax.Array:
+        for idx in layers:
+            q = basis[:, idx]  # (s, n_i)
+            block = probes[:, idx]
+            probes = probes.at[:, idx].set(block - (block @ q.T) @ q)
+        return probes
+
+    def combine(basis, basis_products, probes, products) -> Estimate:
+        exact = per_layer_sum(jnp.sum(basis * basis_products, axis=0))  # Tr(Q_i^T H_ii Q_i)
+        rest = probe_stats(per_layer_sum((probes * products).T).T)  # samples (g, L)
+        return squeeze_layers(Estimate(exact + rest.value, rest.stderr), per_layer)
+
+    draws = run_compiled(
+        lambda k: jax.random.rademacher(k, (s + g, n), dtype) * mask, key
+    )  # one draw: S and G
+    basis = run_compiled(sketch_basis, apply(draws[:s]))
+    basis_products = apply(basis)
+    probes = run_compiled(deflate, basis, draws[s:])
+    return run_compiled(combine, basis, basis_products, probes, apply(probes))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hessjax.hvp import check_like
+from hessjax.hessian import check_like
 from hessjax.partition import Partition, layer_partition
 
 PyTree = Any

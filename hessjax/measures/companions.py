@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hessjax import estimators
-from hessjax.hvp import block_hvp_fn, chunked_vmap, hvp
+from hessjax.hessian import block_hvp_fn, hvp
+from hessjax.mapping import chunked_vmap
 from hessjax.measures._checks import (
     check_static_int,
     displacement,

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hessjax.hvp import block_forms_fn, hvp
+from hessjax.hessian import block_forms_fn, hvp
+from hessjax.mapping import MapFn, check_map_fn, place
 from hessjax.measures import screening
 from hessjax.measures._checks import (
     check_finite_losses,
@@ -27,7 +28,6 @@ from hessjax.measures._checks import (
     resolve_partition,
 )
 from hessjax.partition import Partition
-from hessjax.sharding import replicate
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -96,7 +96,7 @@ def hessian_distance(
     layer_chunk_size: int | None = None,
     variant: str = "canonical",
     batch_size: int = 4,
-    mesh: Any = None,
+    map_fn: MapFn | None = None,
     screening: bool = False,
     screen_chunk_size: int | None = 16,
 ) -> HessianDistance:
@@ -125,7 +125,7 @@ def hessian_distance(
     (``screening=False``, the default: Lanczos for every example), faster when the brackets
     rule examples out (see the measured caveat below). For every
     example and layer one block product with the shared ``v_i`` (batched over
-    ``screen_chunk_size`` examples, :func:`hessjax.hvp.block_forms_fn`) brackets the
+    ``screen_chunk_size`` examples, :func:`hessjax.hessian.block_forms_fn`) brackets the
     ``num_iters``-step quadrature value ``Q``::
 
         max(v_i^T H_i v_i, 0)  <=  Q  <=  ||v_i|| ||H_i v_i||
@@ -154,12 +154,13 @@ def hessian_distance(
     ``sqrt(dim / rank)`` for an isotropic ``v``), and the unrolled program took 8.5 minutes
     to compile, so screening was not faster there; it pays off when a few examples dominate.
 
-    Sharded (``mesh`` given): the examples (canonical) or batches (reference) are split over
-    the mesh's data axis (:func:`hessjax.sharding.sharded_map`: padded to a multiple of the
-    device count ``D``, the padding dropped before any reduction), params and ``v`` are
-    replicated, and each device runs ``ceil(m / D)`` examples, ``chunk_size`` at a time. The
-    max and argmax then run over all ``m`` true examples of all shards, so the result equals
-    the single-device one (to float tolerance) for any ``m``.
+    Sharded (``map_fn=hessjax.sharding.mesh_map(mesh)``): the examples (canonical) or batches
+    (reference) are split over the mesh's data axis (:func:`hessjax.sharding.sharded_map`:
+    padded to a multiple of the device count ``D``, the padding dropped before any
+    reduction), params and ``v`` are replicated (``map_fn.place``), and each device runs
+    ``ceil(m / D)`` examples, ``chunk_size`` at a time. The max and argmax then run over all
+    ``m`` true examples of all shards, so the result equals the single-device one (to float
+    tolerance) for any ``m``.
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar``, the loss of ONE example (for the
@@ -182,10 +183,10 @@ def hessian_distance(
       layer_chunk_size: layers whose block products are vmapped at once; ``None``: all.
       variant: ``"canonical"`` or ``"reference"``.
       batch_size: examples per batch for the reference variant (the reference code uses 4).
-      mesh: keyword-only, a ``jax.sharding.Mesh`` (:func:`hessjax.sharding.make_mesh`) to
-        split the examples over; ``None`` (default): one device, the unsharded code path.
-        With screening both the screen and each refinement round are split over the mesh
-        (a round refines ``chunk_size`` examples per device).
+      map_fn: keyword-only, the map over examples (:mod:`hessjax.mapping`); ``None``
+        (default): :func:`hessjax.chunked_vmap` on one device. ``hessjax.sharding.mesh_map(mesh)``
+        splits the examples over a device mesh; with screening both the screen and each
+        refinement round are split (a round refines ``chunk_size`` examples per device).
       screening: keyword-only (canonical variant): bracket every example from one batched
         block product and run Lanczos only where needed (True), or run Lanczos on every
         example (False, default, the brute-force reference). Same result either way.
@@ -230,8 +231,8 @@ def hessian_distance(
         check_static_int(screen_chunk_size, "screen_chunk_size")
     if not isinstance(screening, bool | np.bool_):
         raise TypeError(f"screening must be a bool, got {type(screening).__name__}")
-    if mesh is not None:
-        params, v = replicate((params, v), mesh)
+    map_fn = check_map_fn(map_fn)
+    params, v = place(map_fn, (params, v))
     refined = num_refined = None
     if variant == "canonical":
         kwargs = dict(
@@ -239,7 +240,7 @@ def hessian_distance(
             truncate=bool(truncate),
             chunk_size=chunk_size,
             layer_chunk_size=layer_chunk_size,
-            mesh=mesh,
+            map_fn=map_fn,
         )
         if screening:
             per_layer, argmax, losses, refined, num_refined = _screened(
@@ -258,7 +259,7 @@ def hessian_distance(
             m=m,
             batch_size=batch_size,
             chunk_size=chunk_size,
-            mesh=mesh,
+            map_fn=map_fn,
         )
         check_finite_losses(losses, "batches")
     return HessianDistance(
@@ -283,7 +284,7 @@ def hessian_distance(
         "truncate",
         "chunk_size",
         "layer_chunk_size",
-        "mesh",
+        "map_fn",
     ),
 )
 def _canonical(
@@ -297,7 +298,7 @@ def _canonical(
     truncate,
     chunk_size,
     layer_chunk_size,
-    mesh=None,
+    map_fn=None,
 ):
     v = partition.restrict(v)
     one = screening.example_value_fn(
@@ -309,7 +310,7 @@ def _canonical(
         truncate=truncate,
         layer_chunk_size=layer_chunk_size,
     )
-    values, losses = _map_rows(one, examples, chunk_size, mesh)
+    values, losses = _map_rows(one, examples, chunk_size, map_fn)
     return jnp.max(values, axis=0), jnp.argmax(values, axis=0), losses
 
 
@@ -323,7 +324,7 @@ def _canonical(
         "chunk_size",
         "layer_chunk_size",
         "screen_chunk_size",
-        "mesh",
+        "map_fn",
     ),
 )
 def _screened(
@@ -338,11 +339,11 @@ def _screened(
     chunk_size,
     layer_chunk_size,
     screen_chunk_size,
-    mesh=None,
+    map_fn=None,
 ):
     v = partition.restrict(v)
     forms = _map_rows(
-        block_forms_fn(loss_fn, params, v, partition), examples, screen_chunk_size, mesh
+        block_forms_fn(loss_fn, params, v, partition), examples, screen_chunk_size, map_fn
     )
     v_sq = partition.sq_norms(v)
     lower, upper = screening.brackets(forms, v_sq, truncate=truncate)
@@ -359,9 +360,9 @@ def _screened(
         lower,
         upper,
         num_iters=min(num_iters, max(partition.sizes)),
-        refine_size=screening.refine_size_for(screen_chunk_size, m, mesh),
+        refine_size=screening.refine_size_for(screen_chunk_size, m, map_fn),
         rtol=screening.default_rtol(lower.dtype),
-        mesh=mesh,
+        map_fn=map_fn,
     )
     return per_layer, argmax, forms.losses, refined, num_refined
 
@@ -370,9 +371,9 @@ _map_rows = screening.map_rows
 
 
 @functools.partial(
-    jax.jit, static_argnames=("loss_fn", "partition", "m", "batch_size", "chunk_size", "mesh")
+    jax.jit, static_argnames=("loss_fn", "partition", "m", "batch_size", "chunk_size", "map_fn")
 )
-def _reference(loss_fn, params, v, examples, partition, *, m, batch_size, chunk_size, mesh=None):
+def _reference(loss_fn, params, v, examples, partition, *, m, batch_size, chunk_size, map_fn=None):
     v = partition.restrict(v)
     num_batches = -(-m // batch_size)
     pad = num_batches * batch_size - m
@@ -394,5 +395,5 @@ def _reference(loss_fn, params, v, examples, partition, *, m, batch_size, chunk_
 
         return partition.dot(v, hvp(batch_loss, params, v)), batch_loss(params)
 
-    values, losses = _map_rows(one, (batches, weights), chunk_size, mesh)
+    values, losses = _map_rows(one, (batches, weights), chunk_size, map_fn)
     return jnp.max(values, axis=0), jnp.argmax(values, axis=0), losses

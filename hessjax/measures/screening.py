@@ -4,7 +4,7 @@ The canonical measure needs, for every layer ``i``, ``calH_i = max_x Q_k(x, i)``
 ``Q_k(x, i)`` is the ``k``-step Lanczos (Gauss) quadrature of ``v_i^T H_ii[x]^+ v_i`` started
 at ``v_i`` (``k = num_iters``). Brute force runs Lanczos for every example. Screening first
 brackets every ``Q_k(x, i)`` from ONE block product per example with the shared tangent
-``v_i`` (batched over examples, :func:`hessjax.hvp.block_forms_fn`), then runs Lanczos only
+``v_i`` (batched over examples, :func:`hessjax.hessian.block_forms_fn`), then runs Lanczos only
 where the bracket cannot rule an example out. The result is the brute-force result, not an
 approximation of it.
 
@@ -54,17 +54,15 @@ import jax
 import jax.numpy as jnp
 
 from hessjax import estimators
-from hessjax.hvp import BlockForms, block_hvp_fn, chunked_vmap, layer_hvp_fn
-from hessjax.sharding import mesh_size, sharded_map
+from hessjax.hessian import BlockForms, block_hvp_fn, layer_hvp_fn
+from hessjax.mapping import chunked_vmap, num_devices
 
 PyTree = Any
 
 
-def map_rows(fn, xs, chunk_size, mesh):
-    """``chunked_vmap``; with a mesh split over its data axis (padding dropped: exact max)."""
-    if mesh is None:
-        return chunked_vmap(fn, xs, chunk_size=chunk_size)
-    return sharded_map(fn, xs, mesh, chunk_size=chunk_size)
+def map_rows(fn, xs, chunk_size, map_fn):
+    """``map_fn(fn, xs, chunk_size=chunk_size)``: the rows mapped (padding dropped: exact max)."""
+    return map_fn(fn, xs, chunk_size=chunk_size)
 
 
 def example_value_fn(
@@ -111,7 +109,7 @@ def layer_value_fn(loss_fn, params, v, partition, layer, *, num_iters):
 
     The same recurrence as brute force runs for layer ``i`` (brute force runs all layers'
     independent recurrences at once on one block-diagonal matvec); here the matvec is
-    :func:`hessjax.hvp.layer_hvp_fn`, so vmapping over examples batches one layer's tangent.
+    :func:`hessjax.hessian.layer_hvp_fn`, so vmapping over examples batches one layer's tangent.
     """
     v_sub = [jax.tree_util.tree_leaves(v)[j] for j in partition.layer_leaves(layer)]
 
@@ -131,12 +129,12 @@ def refine_layer(
     *,
     refine_size: int,
     rtol: float,
-    mesh: Any = None,
+    map_fn: Any = chunked_vmap,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The exact ``(max, argmax)`` over examples for ONE layer, refining only what it must.
 
     Each round runs ``value_fn`` (the Lanczos value) on the ``refine_size`` pending examples
-    with the highest ``lower`` (vmapped; split over ``mesh`` if given), raises the best value
+    with the highest ``lower`` (mapped by ``map_fn``, e.g. split over a mesh), raises the best value
     ``b`` and stops when no example with ``upper * (1 + rtol) >= b`` is left unrefined.
 
     Args:
@@ -146,7 +144,7 @@ def refine_layer(
       active: scalar bool, ``v_i != 0`` (otherwise every value is exactly 0).
       refine_size: examples refined per round (static).
       rtol: the relative slack on ``upper``.
-      mesh: optional mesh to split each round's examples over.
+      map_fn: the map over each round's examples (default :func:`hessjax.chunked_vmap`).
 
     Returns:
       ``(value, argmax, num_refined, refined_mask)``; ``refined_mask`` is ``(m,)`` bool.
@@ -174,7 +172,7 @@ def refine_layer(
         priority = jnp.where(resolved, 2 * m + rank, priority)
         _, idx = jax.lax.top_k(-priority, k)
         batch = jax.tree_util.tree_map(lambda x: x[idx], examples)
-        values = map_rows(value_fn, batch, None, mesh).astype(dtype)
+        values = map_rows(value_fn, batch, None, map_fn).astype(dtype)
         top = jnp.max(values)
         top_arg = jnp.min(jnp.where(values == top, idx, m)).astype(jnp.int32)
         arg = jnp.where(top > best, top_arg, jnp.where(top == best, jnp.minimum(arg, top_arg), arg))
@@ -203,7 +201,7 @@ def refine_layers(
     num_iters: int,
     refine_size: int,
     rtol: float,
-    mesh: Any = None,
+    map_fn: Any = chunked_vmap,
 ):
     """:func:`refine_layer` for every layer (a static loop): ``(per_layer, argmax, refined,
     num_refined)`` with ``refined[i]`` the examples refined for layer ``i`` and
@@ -218,7 +216,7 @@ def refine_layers(
             active[i],
             refine_size=refine_size,
             rtol=rtol,
-            mesh=mesh,
+            map_fn=map_fn,
         )
         for i in range(partition.num_layers)
     ]
@@ -226,7 +224,7 @@ def refine_layers(
     return best, arg, count, jnp.sum(jnp.any(mask, axis=0), dtype=jnp.int32)
 
 
-def refine_size_for(chunk_size: int | None, m: int, mesh: Any) -> int:
+def refine_size_for(chunk_size: int | None, m: int, map_fn: Any) -> int:
     """Examples per refinement round: ``chunk_size`` (all ``m`` if None) per device."""
     per_device = m if chunk_size is None else chunk_size
-    return per_device * (1 if mesh is None else mesh_size(mesh))
+    return per_device * num_devices(map_fn)

@@ -198,20 +198,17 @@ def _evaluate(step, params, rest, x, y, batch_size):
 
 def _place_on_mesh(mesh, state, fsdp_min_size):
     """Replicated (or FSDP-sharded) state and a function placing a batch over the data axis."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from hessjax.sharding import _axis, _place, fsdp_sharding, replicate
+    from hessjax.sharding import fsdp_sharding, put, replicate, row_sharding
 
     params, opt_state = state["params"], state["opt_state"]
     if fsdp_min_size is None:
         params, opt_state = replicate((params, opt_state), mesh)
     else:
-        params = _place(params, fsdp_sharding(params, mesh, min_size=fsdp_min_size))
-        opt_state = _place(opt_state, fsdp_sharding(opt_state, mesh, min_size=fsdp_min_size))
+        params = put(params, fsdp_sharding(params, mesh, min_size=fsdp_min_size))
+        opt_state = put(opt_state, fsdp_sharding(opt_state, mesh, min_size=fsdp_min_size))
     state = {"params": params, "rest": replicate(state["rest"], mesh), "opt_state": opt_state}
-    rows = NamedSharding(mesh, P(_axis(mesh, None)))
-    return state, lambda xb, yb: _place((xb, yb), rows)
+    rows = row_sharding(mesh)
+    return state, lambda xb, yb: put((xb, yb), rows)
 
 
 def _write_metrics(workdir: Path, history: list[dict]) -> None:

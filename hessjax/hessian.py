@@ -18,8 +18,6 @@ References:
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hessjax.mapping import chunked_vmap, num_rows
 from hessjax.partition import Partition, path_name
 
 PyTree = Any
@@ -170,68 +169,6 @@ def hvp_fn(loss_fn: Callable[..., jax.Array], params: PyTree, *args: Any) -> Mat
     return matvec
 
 
-def _num_rows(xs: PyTree, name: str) -> int:
-    """The shared leading size ``m >= 1`` of the leaves of ``xs``; raises naming ``name``."""
-    leaves = jax.tree_util.tree_leaves(xs)
-    if not leaves:
-        raise ValueError(f"{name} must have at least one leaf")
-    if any(jnp.ndim(x) < 1 for x in leaves):
-        raise ValueError(f"every leaf of {name} must have a leading (batch) axis")
-    m = jnp.shape(leaves[0])[0]
-    if any(jnp.shape(x)[0] != m for x in leaves):
-        sizes = sorted({jnp.shape(x)[0] for x in leaves})
-        raise ValueError(f"leaves of {name} must share one leading size, got sizes {sizes}")
-    if m < 1:
-        raise ValueError(f"{name} must hold at least one row, got leading size 0")
-    return m
-
-
-def chunked_vmap(fn: Callable[[PyTree], PyTree], xs: PyTree, *, chunk_size: int | None = None):
-    """``jax.vmap(fn)(xs)`` evaluated ``chunk_size`` rows at a time (memory-bounded vmap).
-
-    Within a chunk the calls are vmapped; chunks run one after another with ``lax.map``, so at
-    most ``chunk_size`` calls are in flight. The last chunk is padded with zeros and the padded
-    rows dropped, so any leading size ``m`` works (``fn`` must tolerate all-zero inputs without
-    raising; their outputs are discarded).
-
-    Cost: ``m`` calls of ``fn``; memory ``chunk_size`` (or ``m``) times that of one call.
-
-    Args:
-      fn: a function of one row (a pytree without the leading axis).
-      xs: a pytree whose leaves share a leading axis ``m >= 1``.
-      chunk_size: keyword-only; ``None`` vmaps all ``m`` rows at once.
-
-    Returns:
-      The stacked outputs, leading axis ``m``.
-
-    Raises:
-      ValueError: no leaves, leaves without or with different leading sizes, ``m == 0``, or a
-        ``chunk_size`` that is not a positive int.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> chunked_vmap(lambda x: x.sum(), jnp.arange(10.0).reshape(5, 2), chunk_size=2)
-      Array([ 1.,  5.,  9., 13., 17.], dtype=float32)
-    """
-    m = _num_rows(xs, "xs")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    batched = jax.vmap(fn)
-    if chunk_size is None or chunk_size >= m:
-        return batched(xs)
-    num_chunks = -(-m // chunk_size)
-    pad = num_chunks * chunk_size - m
-
-    def to_chunks(x):
-        x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
-        return x.reshape((num_chunks, chunk_size) + x.shape[1:])
-
-    out = jax.lax.map(batched, jax.tree_util.tree_map(to_chunks, xs))
-    return jax.tree_util.tree_map(lambda y: y.reshape((-1,) + y.shape[2:])[:m], out)
-
-
 def batch_matvec(matvec: Matvec, vs: PyTree, *, chunk_size: int | None = None) -> PyTree:
     """Applies ``matvec`` to a stack of vectors (leading axis ``m`` on every leaf).
 
@@ -253,7 +190,7 @@ def batch_matvec(matvec: Matvec, vs: PyTree, *, chunk_size: int | None = None) -
       >>> batch_matvec(lambda v: 2.0 * v, jnp.eye(3), chunk_size=2)[2]
       Array([0., 0., 2.], dtype=float32)
     """
-    _num_rows(vs, "vs")  # errors name this function's argument
+    num_rows(vs, "vs")  # errors name this function's argument
     return chunked_vmap(matvec, vs, chunk_size=chunk_size)
 
 
@@ -599,21 +536,6 @@ def per_example_block_forms(
     References:
       Ju, Li & Zhang, ICML 2022.
     """
-    _num_rows(examples, "examples")
+    num_rows(examples, "examples")
     one = block_forms_fn(loss_fn, params, v, partition)
     return chunked_vmap(one, examples, chunk_size=chunk_size)
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`hvp`: ``hessjax.hvp(loss_fn, params, v, *args)``.
-
-    Importing the submodule ``hessjax.hvp`` binds the name ``hvp`` on the package to the
-    module, which would shadow the function of the same name; making the module call the
-    function keeps both ``hessjax.hvp(...)`` and ``hessjax.hvp.hvp_fn`` working.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> PyTree:
-        return hvp(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,4 +1,4 @@
-"""Tests of hessjax.hvp against dense Hessians (jax.hessian on the ravelled params)."""
+"""Tests of hessjax.hessian against dense Hessians (jax.hessian on the ravelled params)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-import hessjax.hvp as H
+import hessjax.hessian as H
 from hessjax.partition import layer_partition as partition
 from tests import _models as M
 
