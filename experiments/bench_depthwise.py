@@ -3,7 +3,7 @@
 For every depthwise convolution of MobileNetV2 at an input size (its channel count, spatial
 size and stride), times jitted (a) the gradient of a scalar loss w.r.t. input and kernel and
 (b) a jvp-of-grad Hessian-vector product w.r.t. the kernel, with
-:func:`hessjax.models._layers.depthwise_conv` and with ``lax.conv_general_dilated(...,
+:func:`hessjax.models.depthwise_conv` and with ``lax.conv_general_dilated(...,
 feature_group_count=C)``; then one gradient step of the whole pretrained network (batch 32)
 with each implementation (the grouped one by calling ``nnx.Conv.__call__`` on the same
 modules). Variants are interleaved after warm-up; medians in milliseconds. Writes
@@ -28,8 +28,7 @@ import numpy as np
 from flax import nnx
 
 from hessjax.experiment import git_commit
-from hessjax.models import pretrained_mobilenet_v2
-from hessjax.models._layers import DepthwiseConv, depthwise_conv
+from hessjax.models import DepthwiseConv, depthwise_conv, pretrained_mobilenet_v2
 
 
 def grouped(x, k, stride):

@@ -60,8 +60,7 @@ def mobilenet_problem(batch: int):
     """The demo's fine-tuning step: params, loss, data and radii of the pretrained MobileNetV2."""
     from flax import nnx
 
-    from hessjax.models import pretrained_mobilenet_v2
-    from hessjax.train import mobilenet_v2_stage_depth
+    from hessjax.models import mobilenet_v2_stage_depth, pretrained_mobilenet_v2
 
     model = pretrained_mobilenet_v2(10)
     model.eval()
@@ -124,7 +123,9 @@ def main():
         kx, ky = jax.random.split(jax.random.key(1))
         x = jax.random.normal(kx, (args.batch, SIZES[0]))
         y = jax.random.randint(ky, (args.batch,), 0, SIZES[-1])
-        radii = hessjax.layerwise_radii(params, 0.05, scale_factor=2.0, head_radius=0.1)
+        radii = hessjax.layerwise_radii(
+            params, 0.05, scale_factor=2.0, depth_fn=hessjax.resnet_stage_depth, head_radius=0.1
+        )
         loss, model_name = loss_fn, f"MLP {' -> '.join(map(str, SIZES))}"
     else:
         params, loss, x, y, radii = mobilenet_problem(args.batch)

@@ -7,28 +7,29 @@ Generalization Guarantees", ICML 2022 (arXiv:2206.02659).
 on first use of one of the public names below (PEP 562 module ``__getattr__``).
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
-# Public name -> submodule that defines it. Core modules first, application layer last.
+# Public name -> the submodule that defines it: the core only (Hessians, estimators, measures,
+# bounds, the robust fine-tuning pieces, data and models). Training (``hessjax.train``), runs
+# (``hessjax.experiment``), devices (``hessjax.sharding``) and the command line
+# (``hessjax.cli``) keep their names in their own packages.
 _EXPORTS: dict[str, str] = {
-    # hvp.py
-    "hvp": "hvp",
-    "hvp_fn": "hvp",
-    "batch_matvec": "hvp",
-    "chunked_vmap": "hvp",
-    "batched_hvp": "hvp",
-    "block_hvp": "hvp",
-    "block_hvp_fn": "hvp",
+    # hessian.py
+    "hvp": "hessian",
+    "hvp_fn": "hessian",
+    "batch_matvec": "hessian",
+    "batched_hvp": "hessian",
+    "block_hvp": "hessian",
+    "block_hvp_fn": "hessian",
+    # mapping.py
+    "chunked_vmap": "mapping",
     # partition.py
     "Partition": "partition",
     "layer_partition": "partition",
     "path_name": "partition",
-    # estimators.py
+    # estimators/
     "Estimate": "estimators",
     "LanczosResult": "estimators",
     "SpectralDensity": "estimators",
@@ -84,7 +85,6 @@ _EXPORTS: dict[str, str] = {
     "project_to_anchor": "transforms",
     "anchor_penalty": "transforms",
     "layerwise_radii": "transforms",
-    "resnet_stage_depth": "transforms",
     "ProjectToAnchorState": "transforms",
     "AnchorPenaltyState": "transforms",
     # data.py
@@ -97,7 +97,7 @@ _EXPORTS: dict[str, str] = {
     "imagenet_preprocess": "data",
     "iterate_batches": "data",
     "read_idx": "data",
-    # models.py
+    # models/
     "MobileNetV2": "models",
     "ResNet": "models",
     "resnet18": "models",
@@ -117,33 +117,20 @@ _EXPORTS: dict[str, str] = {
     "bert_classifier": "models",
     "bert_tokenizer": "models",
     "minilm_path": "models",
+    "ModelSpec": "models",
+    "model_spec": "models",
+    "make_model": "models",
+    "resnet_stage_depth": "models",
+    "mobilenet_v2_stage_depth": "models",
+    "bert_layer_depth": "models",
     # text.py
     "encode_texts": "text",
-    # train.py
-    "TrainConfig": "train",
-    "Method": "train",
-    "FitResult": "train",
-    "METHODS": "train",
-    "build_method": "train",
-    "register_method": "train",
-    "make_optimizer": "train",
-    "fit": "train",
-    "evaluate": "train",
-    "make_model": "train",
-    "TinyCNN": "train",
-    "mobilenet_v2_stage_depth": "train",
-    # sharding.py
-    "make_mesh": "sharding",
-    "mesh_size": "sharding",
-    "shard_batch": "sharding",
-    "replicate": "sharding",
-    "fsdp_sharding": "sharding",
-    "sharded_map": "sharding",
-    "initialize_distributed": "sharding",
 }
 
+# Subpackages and modules reachable as ``hessjax.<name>`` (imported on first use).
 _SUBMODULES = (
-    "hvp",
+    "hessian",
+    "mapping",
     "partition",
     "estimators",
     "measures",
@@ -156,19 +143,21 @@ _SUBMODULES = (
     "models",
     "train",
     "experiment",
-    "cli",
     "sharding",
+    "cli",
 )
 
+__all__ = list(_EXPORTS)
 
-def __getattr__(name: str) -> Any:
+
+def __getattr__(name: str):
     if name in _EXPORTS:
-        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        module = _importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
         return getattr(module, name)
     if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
+        return _importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'hessjax' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
+    return sorted({*__all__, *_SUBMODULES})

@@ -32,8 +32,8 @@ from hessjax.experiment import (
     measure_run,
     write_json,
 )
+from hessjax.models.zoo import MODELS
 from hessjax.train.methods import METHODS
-from hessjax.train.zoo import MODELS
 
 __all__ = ["main"]
 
@@ -98,239 +98,124 @@ _POSITIVE_FLOAT = _float_in(0.0, open_lo=True)
 
 
 # ------------------------------------------------------------------------------ parser
-def _add_data_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
-    c = DemoConfig() if demo else RunConfig()
-    p.add_argument(
-        "--dataset",
-        default=c.dataset,
-        help="fashion_mnist, digits (scikit-learn), tfds:<name>, or text: amazon_reviews, "
-        "tweet_source (optionally :<tokens>, default 128; with --model minilm) "
-        "(default %(default)s)",
-    )
-    p.add_argument("--data-dir", default=None, help="where the dataset files are")
-    p.add_argument(
-        "--model",
-        default=c.model,
-        choices=MODELS,
-        help="mobilenet_v2 (ImageNet weights, new zero head), tiny_cnn (tests), minilm "
-        "(all-MiniLM-L6-v2, text) or minilm_random (the same, randomly initialised)",
-    )
-    if not demo:
-        p.add_argument(
-            "--train-from",
-            type=_NONNEG,
-            default=RunConfig.train_from,
-            help="mobilenet_v2: fine-tune features.N-18 and the head only; blocks 0..N-1 stay at "
-            "their pretrained weights (eval mode) and their outputs are computed once per image "
-            "(0: fine-tune everything)",
-        )
-    p.add_argument(
-        "--n-per-class",
-        type=_POSITIVE,
-        default=c.n_per_class,
-        help="training examples per class (default %(default)s)",
-    )
-    p.add_argument(
-        "--val-size",
-        type=_POSITIVE,
-        default=c.val_size,
-        help="clean validation examples carved from the training split",
-    )
-    p.add_argument(
-        "--test-size", type=_POSITIVE, default=c.test_size, help="clean test examples kept"
-    )
-    p.add_argument(
-        "--image-size",
-        type=_POSITIVE,
-        default=c.image_size,
-        help="resize images to this size (default %(default)s)",
-    )
-    p.add_argument(
-        "--noise-rate",
-        type=_float_in(0.0, 1.0),
-        default=c.noise_rate,
-        help="label-noise rate rho of the training labels (default %(default)s)",
-    )
-    p.add_argument("--epochs", type=_POSITIVE, default=c.epochs, help="training epochs")
-    p.add_argument(
-        "--lr", type=_POSITIVE_FLOAT, default=c.lr, help="learning rate (default %(default)s)"
-    )
-    p.add_argument("--batch-size", type=_POSITIVE, default=c.batch_size, help="examples per step")
-    p.add_argument("--seed", type=_NONNEG, default=c.seed, help="seeds data, noise, order, dropout")
-    p.add_argument(
-        "--radius",
-        type=_POSITIVE_FLOAT,
-        default=c.radius,
-        help="constraint radius D of the first stage (default %(default)s)",
-    )
-    p.add_argument(
-        "--radius-scale",
-        type=_POSITIVE_FLOAT,
-        default=c.radius_scale,
-        help="radius growth s per stage: D * s^stage (default %(default)s)",
-    )
-    p.add_argument(
-        "--head-radius",
-        type=_POSITIVE_FLOAT,
-        default=c.head_radius,
-        help="radius of the new head around zero (default %(default)s)",
-    )
+# (flag, type, help) per option; the default is the config field of the same name. A type of
+# None is a string, "flag" a store_true switch, a tuple the choices.
+_DATA_OPTIONS = (
+    ("--dataset", None, "fashion_mnist, digits (scikit-learn), tfds:<name>, or text: "
+     "amazon_reviews, tweet_source (optionally :<tokens>, default 128; with --model minilm)"),
+    ("--data-dir", None, "where the dataset files are"),
+    ("--model", MODELS, "mobilenet_v2 (ImageNet weights, new zero head), tiny_cnn (tests), "
+     "minilm (all-MiniLM-L6-v2, text) or minilm_random (the same, randomly initialised)"),
+    ("--n-per-class", _POSITIVE, "training examples per class"),
+    ("--val-size", _POSITIVE, "clean validation examples carved from the training split"),
+    ("--test-size", _POSITIVE, "clean test examples kept"),
+    ("--image-size", _POSITIVE, "resize images to this size"),
+    ("--noise-rate", _float_in(0.0, 1.0), "label-noise rate rho of the training labels"),
+    ("--epochs", _POSITIVE, "training epochs"),
+    ("--lr", _POSITIVE_FLOAT, "learning rate"),
+    ("--batch-size", _POSITIVE, "examples per step"),
+    ("--seed", _NONNEG, "seeds data, noise, order, dropout"),
+    ("--radius", _POSITIVE_FLOAT, "constraint radius D of the first stage"),
+    ("--radius-scale", _POSITIVE_FLOAT, "radius growth s per stage: D * s^stage"),
+    ("--head-radius", _POSITIVE_FLOAT, "radius of the new head around zero"),
+)  # fmt: skip
+_FINETUNE_OPTIONS = (
+    ("--train-from", _NONNEG, "mobilenet_v2: fine-tune features.N-18 and the head only; blocks "
+     "0..N-1 stay at their pretrained weights (eval mode) and their outputs are computed once "
+     "per image (0: fine-tune everything)"),
+    ("--noise-type", NOISE_TYPES, "symmetric: flip to another class; uniform: redraw over all "
+     "classes; pair: flip class i to i+1"),
+    ("--method", tuple(sorted(METHODS)), "the method"),
+    ("--transition", ("true", "symmetric", "dual_t"), "T for forward/backward/robust: the true "
+     "noise T, symmetric at --assumed-rate, or estimated by Dual-T from a plain fine-tuned model"),
+    ("--assumed-rate", _float_in(0.0, 1.0), "rate of the symmetric T (default: --noise-rate)"),
+    ("--optimizer", ("adam", "amsgrad", "adamw", "sgd"), "the optimizer"),
+    ("--lr-decay-every", _POSITIVE, "multiply the learning rate by 0.1 every this many epochs"),
+    ("--early-stopping", "flag", "stop after --patience epochs without better clean val "
+     "accuracy (always on for plain_es) and keep the best parameters"),
+    ("--patience", _POSITIVE, "early-stopping patience"),
+    ("--penalty", _float_in(0.0), "L2-SP lambda"),
+    ("--smoothing", _float_in(0.0, 1.0), "label smoothing"),
+    ("--gce-q", _float_in(0.0, 1.0, open_lo=True), "GCE q"),
+    ("--norm", ("frobenius", "inf_op"), "norm of the distance constraint"),
+    ("--max-steps", _POSITIVE, "stop (after a checkpoint) at this many steps; rerun to continue"),
+    ("--checkpoint-every", _POSITIVE, "also checkpoint every this many steps"),
+    ("--output-dir", None, "where everything goes"),
+)  # fmt: skip
+_MEASURE_OPTIONS = (
+    ("--examples", _int_at_least(1, all_ok=True),
+     "training examples the max over examples runs over (an int or 'all')"),
+    ("--num-iters", _POSITIVE, "Lanczos steps"),
+    ("--chunk-size", _POSITIVE, "examples vmapped at once (1 is fastest on CPU for conv nets)"),
+    ("--layers", None, "regex selecting measured kernels (default: all; MobileNetV2: "
+     "features.14-18 and the head)"),
+    ("--variant", ("canonical", "reference", "both"),
+     "the paper's measure, the reference code's, or both"),
+    ("--checkpoint", ("final", "best"), "which parameters of the run"),
+    ("--seed", _NONNEG, "which training examples"),
+    ("--output", None, "JSON file (default: RUN/measure.json)"),
+)  # fmt: skip
+_MEASURE_DEFAULTS = {"examples": 16, "num_iters": 8, "chunk_size": 1, "variant": "canonical",
+                     "checkpoint": "final", "seed": 0}  # fmt: skip
+_DEMO_OPTIONS = (
+    ("--examples", _POSITIVE, "examples for the measure"),
+    ("--num-iters", _POSITIVE, "Lanczos steps for the measure"),
+    ("--chunk-size", _POSITIVE, "examples vmapped at once (1 is fastest on CPU for conv nets)"),
+    ("--output-dir", None, "where everything goes"),
+)  # fmt: skip
+_COMMON_OPTIONS = (
+    ("--devices", _devices_arg, "data-parallel over this many devices (an int or 'all'; on CPU "
+     "simulate N with XLA_FLAGS=--xla_force_host_platform_device_count=N); default: one device"),
+    ("--distributed", "flag", "multi-host: call jax.distributed.initialize first (coordinator, "
+     "number of processes and process id from HESSJAX_COORDINATOR_ADDRESS, "
+     "HESSJAX_NUM_PROCESSES, HESSJAX_PROCESS_ID, or auto-detected); --devices then counts all "
+     "hosts' devices"),
+)  # fmt: skip
+
+
+def _add(p: argparse.ArgumentParser, options, defaults) -> None:
+    """Adds ``options`` with defaults from ``defaults`` (a config object or a dict)."""
+    for flag, kind, text in options:
+        dest = flag[2:].replace("-", "_")
+        if kind == "flag":
+            p.add_argument(flag, action="store_true", help=text)
+            continue
+        get = defaults.get if isinstance(defaults, dict) else lambda k: getattr(defaults, k, None)
+        kw = {"choices": kind} if isinstance(kind, tuple) else {"type": kind} if kind else {}
+        p.add_argument(flag, default=get(dest), help=text, **kw)
+
+
+def _command(sub, name: str, text: str, func, *groups) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for options, defaults in groups:
+        _add(p, options, defaults)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def _add_mesh_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--devices",
-        type=_devices_arg,
-        default=None,
-        help="data-parallel over this many devices (an int or 'all'; on CPU simulate N with "
-        "XLA_FLAGS=--xla_force_host_platform_device_count=N); default: one device",
-    )
-    p.add_argument(
-        "--distributed",
-        action="store_true",
-        help="multi-host: call jax.distributed.initialize first (coordinator, number of "
-        "processes and process id from HESSJAX_COORDINATOR_ADDRESS, HESSJAX_NUM_PROCESSES, "
-        "HESSJAX_PROCESS_ID, or auto-detected); --devices then counts all hosts' devices",
-    )
-
-
-def _add_debug(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true",
                    help="on an error, show the traceback instead of one line")  # fmt: skip
+    p.set_defaults(func=func)
+    return p
 
 
 def _parser() -> argparse.ArgumentParser:
-    R = RunConfig()
-
     parser = argparse.ArgumentParser(
         prog="hessjax",
         description="Robust fine-tuning and Hessian-based generalization measures "
         "(Ju, Li & Zhang, ICML 2022).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-
-    f = sub.add_parser("finetune", help="fine-tune a model with a method; resumable",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    _add_data_options(f)
-    f.add_argument(
-        "--noise-type",
-        default=R.noise_type,
-        choices=NOISE_TYPES,
-        help="symmetric: flip to another class; uniform: redraw over all classes; "
-        "pair: flip class i to i+1",
-    )
-    f.add_argument("--method", default=R.method, choices=sorted(METHODS), help="the method")
-    f.add_argument(
-        "--transition",
-        default=R.transition,
-        choices=("true", "symmetric", "dual_t"),
-        help="T for forward/backward/robust: the true noise T, symmetric at "
-        "--assumed-rate, or estimated by Dual-T from a plain fine-tuned model",
-    )
-    f.add_argument(
-        "--assumed-rate",
-        type=_float_in(0.0, 1.0),
-        default=R.assumed_rate,
-        help="rate of the symmetric T (default: --noise-rate)",
-    )
-    f.add_argument("--optimizer", default=R.optimizer, choices=("adam", "amsgrad", "adamw", "sgd"))
-    f.add_argument(
-        "--lr-decay-every",
-        type=_POSITIVE,
-        default=R.lr_decay_every,
-        help="multiply the learning rate by 0.1 every this many epochs",
-    )
-    f.add_argument(
-        "--early-stopping",
-        action="store_true",
-        help="stop after --patience epochs without better clean val accuracy "
-        "(always on for plain_es) and keep the best parameters",
-    )
-    f.add_argument("--patience", type=_POSITIVE, default=R.patience, help="early-stopping patience")
-    f.add_argument("--penalty", type=_float_in(0.0), default=R.penalty, help="L2-SP lambda")
-    f.add_argument(
-        "--smoothing", type=_float_in(0.0, 1.0), default=R.smoothing, help="label smoothing"
-    )
-    f.add_argument("--gce-q", type=_float_in(0.0, 1.0, open_lo=True), default=R.gce_q, help="GCE q")
-    f.add_argument(
-        "--norm",
-        default=R.norm,
-        choices=("frobenius", "inf_op"),
-        help="norm of the distance constraint",
-    )
-    f.add_argument(
-        "--max-steps",
-        type=_POSITIVE,
-        default=None,
-        help="stop (after a checkpoint) at this many steps; rerun to continue",
-    )
-    f.add_argument(
-        "--checkpoint-every",
-        type=_POSITIVE,
-        default=None,
-        help="also checkpoint every this many steps",
-    )
-    f.add_argument("--output-dir", default=R.output_dir, help="where everything goes")
-    f.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="continue from the output directory's last checkpoint",
-    )
-    _add_mesh_options(f)
-    _add_debug(f)
-    f.set_defaults(func=_cmd_finetune)
-
-    m = sub.add_parser("measure", help="Hessian distance report and bound of a finetune run",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    run, demo_cfg = RunConfig(), DemoConfig()
+    f = _command(sub, "finetune", "fine-tune a model with a method; resumable", _cmd_finetune,
+                 (_DATA_OPTIONS, run), (_FINETUNE_OPTIONS, run), (_COMMON_OPTIONS, {}))  # fmt: skip
+    f.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the output directory's last checkpoint")  # fmt: skip
+    m = _command(sub, "measure", "Hessian distance report and bound of a finetune run",
+                 _cmd_measure)  # fmt: skip
     m.add_argument("run", help="a `hessjax finetune` output directory")
-    m.add_argument(
-        "--examples",
-        type=_int_at_least(1, all_ok=True),
-        default=16,
-        help="training examples the max over examples runs over (an int or 'all')",
-    )
-    m.add_argument("--num-iters", type=_POSITIVE, default=8, help="Lanczos steps")
-    m.add_argument("--chunk-size", type=_POSITIVE, default=1,
-                   help="examples vmapped at once (1 is fastest on CPU for conv nets)")  # fmt: skip
-    m.add_argument(
-        "--layers",
-        default=None,
-        help="regex selecting measured kernels (default: all; MobileNetV2: "
-        "features.14-18 and the head)",
-    )
-    m.add_argument(
-        "--variant",
-        default="canonical",
-        choices=("canonical", "reference", "both"),
-        help="the paper's measure, the reference code's, or both",
-    )
-    m.add_argument("--checkpoint", default="final", choices=("final", "best"))
-    m.add_argument("--seed", type=_NONNEG, default=0, help="which training examples")
-    m.add_argument("--output", default=None, help="JSON file (default: RUN/measure.json)")
-    _add_mesh_options(m)
-    _add_debug(m)
-    m.set_defaults(func=_cmd_measure)
-
-    d = sub.add_parser("demo", help="plain vs robust fine-tuning of MobileNetV2 on noisy "
-                       "Fashion-MNIST; table, plot and JSON",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    _add_data_options(d, demo=True)
-    d.add_argument(
-        "--examples", type=_POSITIVE, default=DemoConfig.examples, help="examples for the measure"
-    )
-    d.add_argument(
-        "--num-iters",
-        type=_POSITIVE,
-        default=DemoConfig.num_iters,
-        help="Lanczos steps for the measure",
-    )
-    d.add_argument("--chunk-size", type=_POSITIVE, default=DemoConfig.chunk_size,
-                   help="examples vmapped at once (1 is fastest on CPU for conv nets)")  # fmt: skip
-    d.add_argument("--output-dir", default=DemoConfig.output_dir, help="where everything goes")
-    _add_debug(d)
-    d.set_defaults(func=_cmd_demo)
+    for options, defaults in ((_MEASURE_OPTIONS, _MEASURE_DEFAULTS), (_COMMON_OPTIONS, {})):
+        _add(m, options, defaults)
+    _command(sub, "demo", "plain vs robust fine-tuning of MobileNetV2 on noisy Fashion-MNIST; "
+             "table, plot and JSON", _cmd_demo, (_DATA_OPTIONS, demo_cfg),
+             (_DEMO_OPTIONS, demo_cfg))  # fmt: skip
     return parser
 
 

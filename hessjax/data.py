@@ -456,7 +456,9 @@ def load_splits(
         image_size: resize to this height and width.
         imagenet: replicate grey to 3 channels and apply the ImageNet mean/std.
         transition: (k, k) matrix T[i, j] = P(noisy j | clean i), e.g.
-            ``hessjax.symmetric_transition(0.4, num_classes=10)``; None for clean labels.
+            ``hessjax.symmetric_transition(0.4, num_classes=10)``; None for clean labels; or
+            a function of the number of classes ``k`` returning T or None, for callers that
+            learn ``k`` from the data set itself.
         data_dir: where the dataset is.
         test_split: the split used as the test set.
 
@@ -503,6 +505,8 @@ def load_splits(
 
     train_clean = labels[keep]
     train_labels = train_clean
+    if callable(transition):
+        transition = transition(num_classes)
     if transition is not None:
         import jax
 

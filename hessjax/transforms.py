@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hessjax._util import concrete as _concrete
 from hessjax.partition import path_name
 
 PyTree = Any
@@ -50,7 +51,6 @@ __all__ = [
     "anchor_penalty",
     "layerwise_radii",
     "project_to_anchor",
-    "resnet_stage_depth",
 ]
 
 
@@ -77,14 +77,6 @@ def _unbox(tree: PyTree) -> PyTree:
         return tree
     is_var = lambda x: isinstance(x, nnx.Variable)
     return jax.tree.map(lambda x: x.get_value() if is_var(x) else x, tree, is_leaf=is_var)
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-    """``x`` as a numpy array when its value is known, ``None`` when it is traced."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
 def _per_leaf(spec: PerLeaf, params: PyTree, argname: str) -> list[Any]:
@@ -376,42 +368,12 @@ def anchor_penalty(
     )
 
 
-def resnet_stage_depth(name: str) -> int | None:
-    """The reference code's depth of a ResNet weight: layer1/layer2 -> 0, layer3 -> 1, layer4 -> 2.
-
-    Only multi-dimensional weights are meant (pass kernels): the function looks at the path
-    name alone and returns ``None`` (unconstrained) for anything outside ``layer1..layer4``
-    (the stem, the head) and for names ending in ``bias``, ``scale`` or ``mean``/``var``.
-
-    Args:
-      name: a path name such as ``"layer3/0/conv1/kernel"``.
-
-    Returns:
-      0, 1, 2 or ``None``.
-
-    Example:
-      >>> resnet_stage_depth("layer4/1/conv2/kernel"), resnet_stage_depth("conv1/kernel")
-      (2, None)
-
-    References:
-      Ju, Li & Zhang, ICML 2022, section 3; reference code ``ConstraintTrainer.add_constraint``.
-    """
-    parts = name.split("/")
-    if parts[-1] in ("bias", "scale", "mean", "var"):
-        return None
-    depths = {"layer1": 0, "layer2": 0, "layer3": 1, "layer4": 2}
-    for part in parts:
-        if part in depths:
-            return depths[part]
-    return None
-
-
 def layerwise_radii(
     params: PyTree,
     base: Any,
     *,
     scale_factor: Any,
-    depth_fn: Callable[[str], int | None] = resnet_stage_depth,
+    depth_fn: Callable[[str], int | None],
     head_radius: Any = None,
     head: str | Sequence[str] | Callable[[str], bool] = ("head", "fc", "pred_head", "classifier"),
 ) -> PyTree:
@@ -421,8 +383,12 @@ def layerwise_radii(
                      = base * scale_factor ** d  if d = depth_fn(path_name) is not None
                      = None (free)               otherwise
 
-    With the default ``depth_fn`` this is the reference code: ResNet stages layer1, layer2: D;
-    layer3: D*s; layer4: D*s^2; stem, biases and BatchNorm free. The head is projected around
+    ``depth_fn`` is the architecture's convention (each model module owns one, and
+    :func:`hessjax.models.model_spec` returns it with the model):
+    :func:`hessjax.resnet_stage_depth` is the reference code (ResNet stages layer1, layer2: D;
+    layer3: D*s; layer4: D*s^2; stem, biases and BatchNorm free),
+    :func:`hessjax.mobilenet_v2_stage_depth` and :func:`hessjax.bert_layer_depth` the same idea
+    for MobileNetV2 and BERT. The head is projected around
     its own anchor (its initial value, zero for a zero-initialised head, as in the reference).
 
     Cost: one pass over the leaf names; no arrays are allocated.
@@ -444,9 +410,11 @@ def layerwise_radii(
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from hessjax.models import resnet_stage_depth
       >>> params = {"layer1": {"kernel": jnp.ones((3, 3))}, "layer4": {"kernel": jnp.ones(2)},
       ...           "fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
-      >>> r = layerwise_radii(params, 1.0, scale_factor=2.0, head_radius=10.0)
+      >>> r = layerwise_radii(params, 1.0, scale_factor=2.0, depth_fn=resnet_stage_depth,
+      ...                     head_radius=10.0)
       >>> r["layer1"]["kernel"], r["layer4"]["kernel"], r["fc"]["kernel"], r["fc"]["bias"]
       (1.0, 4.0, 10.0, None)
 

@@ -21,7 +21,8 @@ from flax import nnx
 import hessjax
 from hessjax import estimators as est
 from hessjax.cli import main
-from hessjax.train import TinyCNN, TrainConfig, evaluate, fit
+from hessjax.models import TinyCNN
+from hessjax.train import TrainConfig, evaluate, fit
 
 PARAMS = {"w": jnp.ones((3, 3)), "b": jnp.zeros(3)}
 X = jnp.ones((4, 3))
@@ -125,7 +126,7 @@ CASES = [
     ("project-anchor-structure", lambda t: hessjax.project_to_anchor(1.0, anchor={"w": jnp.ones((3, 3))}).init(PARAMS), ValueError, "anchor"),
     ("project-no-params", lambda t: hessjax.project_to_anchor(1.0).update(PARAMS, hessjax.project_to_anchor(1.0).init(PARAMS)), ValueError, "params"),
     ("penalty-negative", lambda t: hessjax.anchor_penalty(-0.1).init(PARAMS), ValueError, "strength"),
-    ("radii-negative-base", lambda t: hessjax.layerwise_radii(PARAMS, -1.0, scale_factor=1.0), ValueError, "base"),
+    ("radii-negative-base", lambda t: hessjax.layerwise_radii(PARAMS, -1.0, scale_factor=1.0, depth_fn=hessjax.resnet_stage_depth), ValueError, "base"),
     # losses
     ("backward-transition-shape", lambda t: hessjax.backward_corrected_cross_entropy(LOGITS, Y, jnp.eye(2)), ValueError, "transition"),
     ("backward-singular", lambda t: hessjax.backward_corrected_cross_entropy(LOGITS, Y, jnp.ones((3, 3)) / 3), ValueError, "transition"),

@@ -238,6 +238,12 @@ def test_load_splits_noisy_train_labels_clean_val_test():
     assert np.unique(wrong % 10).size == 9
     with pytest.raises(ValueError, match="transition"):
         load_splits("digits", seed=0, transition=symmetric_transition(0.2, num_classes=3))
+    # T as a function of the number of classes (learnt from the data set): the same draws
+    seen = []
+    by_k = load_splits("digits", seed=5, val_size=0.2,
+                       transition=lambda k: seen.append(k) or symmetric_transition(rate, num_classes=k))  # fmt: skip
+    assert seen == [10]
+    np.testing.assert_array_equal(by_k.train_labels, noisy.train_labels)
 
 
 def test_load_splits_bad_arguments():

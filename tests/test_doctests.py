@@ -20,7 +20,8 @@ MODULES = sorted(
 HEAVY = ("hessjax.models", "hessjax.train")
 # Modules that must have docstring examples.
 REQUIRED = (
-    "hessjax.hvp",
+    "hessjax.hessian",
+    "hessjax.mapping",
     "hessjax.partition",
     "hessjax.bounds",
     "hessjax.measures.distance",

@@ -13,11 +13,11 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hessjax.models import resnet_stage_depth
 from hessjax.transforms import (
     anchor_penalty,
     layerwise_radii,
     project_to_anchor,
-    resnet_stage_depth,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +380,7 @@ def test_layerwise_radii_reference_stages():
         "layer4": {"0": {"downsample": {"kernel": z}}},
         "fc": {"kernel": z, "bias": jnp.zeros(3)},
     }
-    r = layerwise_radii(params, 0.5, scale_factor=3.0, head_radius=7.0)
+    r = layerwise_radii(params, 0.5, scale_factor=3.0, depth_fn=resnet_stage_depth, head_radius=7.0)
     assert r["conv1"]["kernel"] is None
     assert r["layer1"]["0"]["conv1"]["kernel"] == 0.5
     assert r["layer1"]["0"]["bn1"]["scale"] is None
@@ -396,7 +396,10 @@ def test_layerwise_radii_reference_stages():
     assert state.anchor["fc"]["kernel"] is not None
 
     def step(base, s):
-        t = project_to_anchor(layerwise_radii(params, base, scale_factor=s, head_radius=1.0))
+        radii = layerwise_radii(
+            params, base, scale_factor=s, depth_fn=resnet_stage_depth, head_radius=1.0
+        )
+        t = project_to_anchor(radii)
         tens = jax.tree.map(lambda x: jnp.full_like(x, 10.0), params)
         return t.update(tens, t.init(params), params)[0]
 
@@ -418,6 +421,8 @@ def test_layerwise_radii_nnx_state():
             self.head = nnx.Linear(2, 2, rngs=rngs)
 
     state = nnx.state(Net(nnx.Rngs(0)), nnx.Param)
-    r = nnx.to_pure_dict(layerwise_radii(state, 1.0, scale_factor=2.0, head_radius=3.0))
+    r = nnx.to_pure_dict(
+        layerwise_radii(state, 1.0, scale_factor=2.0, depth_fn=resnet_stage_depth, head_radius=3.0)
+    )
     assert r["layer3"]["kernel"] == 2.0 and r["head"]["kernel"] == 3.0
     assert r["layer3"]["bias"] is None

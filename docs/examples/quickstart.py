@@ -11,9 +11,8 @@ import optax
 from flax import nnx
 
 import hessjax
-from hessjax.train import (
-    TrainConfig, cross_entropy, default_depth, evaluate, fit, make_model,
-)
+from hessjax.models import default_depth, make_model
+from hessjax.train import TrainConfig, cross_entropy, evaluate, fit
 
 T = hessjax.symmetric_transition(0.4, num_classes=10)  # 40% labels flipped
 data = hessjax.load_splits(

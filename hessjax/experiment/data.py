@@ -123,7 +123,7 @@ def first_block(cfg: Mapping[str, Any]) -> int:
 
 def make_run_model(cfg: Mapping[str, Any], splits):
     """The run's model, freshly initialised (pretrained weights and a new head)."""
-    from hessjax.train import make_model
+    from hessjax.models import make_model
 
     return make_model(cfg["model"], splits.num_classes, seed=cfg["seed"],
                       in_channels=splits.train_images.shape[-1],
@@ -135,13 +135,6 @@ def _load_splits(cfg: Mapping[str, Any]):
 
     if not 0 <= cfg["noise_rate"] <= 1:
         raise ValueError(f"noise_rate: expected a number in [0, 1], got {cfg['noise_rate']}")
-    probe = load_splits(
-        cfg["dataset"], seed=cfg["seed"], val_size=cfg["val_size"], n_per_class=1,
-        test_size=None, data_dir=cfg["data_dir"],
-    )  # fmt: skip
-    k = probe.num_classes
-    del probe
-    t = noise_transition(cfg["noise_type"], cfg["noise_rate"], k)
     splits = load_splits(
         cfg["dataset"],
         seed=cfg["seed"],
@@ -150,7 +143,7 @@ def _load_splits(cfg: Mapping[str, Any]):
         test_size=cfg["test_size"],
         image_size=cfg["image_size"],
         imagenet=cfg["model"] == "mobilenet_v2",
-        transition=t,
+        transition=lambda k: noise_transition(cfg["noise_type"], cfg["noise_rate"], k),
         data_dir=cfg["data_dir"],
     )
-    return splits, t
+    return splits, noise_transition(cfg["noise_type"], cfg["noise_rate"], splits.num_classes)

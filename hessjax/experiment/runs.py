@@ -250,13 +250,14 @@ def _run_finetune(out: Path, cfg: dict, *, progress: bool, splits, cache) -> dic
     if not (out / "anchor").exists():
         _save_tree(out / "anchor", anchor)
     spe = len(splits.train_labels) // tcfg.batch_size
-    params = split_model(model)[2]
+    pretrained = nnx.to_pure_dict(split_model(model)[2])  # the anchor of every method
     method = build_method(
         tcfg,
-        nnx.to_pure_dict(params),
+        pretrained,
         num_classes=k,
         steps_per_epoch=max(spe, 1),
         transition=transition,
+        anchor=pretrained,
     )
     fingerprint = run_fingerprint(dict(cfg, train_from=first_block(cfg)))
     t0 = time.perf_counter()
@@ -445,7 +446,7 @@ def measure_run(
       checkpoint: ``"final"`` or ``"best"``.
       seed: the example choice (and the trace probes).
       devices: split the examples over this many devices (an int, or ``"all"``) with
-        :func:`hessjax.hessian_distance` ``mesh=``; None: one device. Same numbers.
+        :func:`hessjax.hessian_distance` ``map_fn=mesh_map(mesh)``; None: one device. Same numbers.
       trace_probes: if > 0, also the per-layer ``max_x Tr[H_i^+]``
         (:func:`hessjax.layer_traces` with this many probes, in the report's rows as
         ``max_trace``) and the Corollary's bound (:func:`hessjax.corollary_bound`) with the
@@ -527,13 +528,15 @@ def measure_run(
             "seconds": time.perf_counter() - t0,
         }
     variants = ("canonical", "reference") if variant == "both" else (variant,)
+    from hessjax.sharding import mesh_map
+
     mesh = data_mesh(devices)
     out["devices"] = 1 if mesh is None else int(mesh.devices.size)
     for v in variants:
         t0 = time.perf_counter()
         hd = hessian_distance(r.state_loss, full, full_anchor, examples, n=n,
                               partition=full_part, num_iters=num_iters, chunk_size=chunk_size,
-                              variant=v, mesh=mesh)  # fmt: skip
+                              variant=v, map_fn=mesh_map(mesh))  # fmt: skip
         rep = report(hd, traces)
         seconds = time.perf_counter() - t0
         bound = hessian_bound(tr["loss"], rep.measure, n, loss_bound=c)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hessjax.models._layers import DepthwiseConv, depthwise_conv
 from hessjax.models.bert import (
     BertClassifier,
     BertConfig,
@@ -40,8 +41,24 @@ from hessjax.models.bert_io import (
     pretrained_bert,
     to_hf_state_dict,
 )
-from hessjax.models.mobilenet import Frozen, InvertedResidual, MobileNetV2, check_first_block
-from hessjax.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
+from hessjax.models.mobilenet import (
+    MOBILENET_V2_RADII,
+    Frozen,
+    InvertedResidual,
+    MobileNetV2,
+    check_first_block,
+    mobilenet_v2_later_layer,
+    mobilenet_v2_stage_depth,
+)
+from hessjax.models.resnet import (
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    resnet18,
+    resnet50,
+    resnet_stage_depth,
+)
+from hessjax.models.tiny import TinyCNN, tiny_cnn_depth
 from hessjax.models.weights import (
     load_state_dict,
     load_torch_weights,
@@ -49,8 +66,30 @@ from hessjax.models.weights import (
     save_state_dict,
     to_torch_state_dict,
 )
+from hessjax.models.zoo import (
+    MODEL_SPECS,
+    MODELS,
+    ModelSpec,
+    default_depth,
+    make_model,
+    model_spec,
+)
 
 __all__ = [
+    "DepthwiseConv",
+    "depthwise_conv",
+    "MODELS",
+    "MODEL_SPECS",
+    "MOBILENET_V2_RADII",
+    "ModelSpec",
+    "TinyCNN",
+    "default_depth",
+    "make_model",
+    "mobilenet_v2_later_layer",
+    "mobilenet_v2_stage_depth",
+    "model_spec",
+    "resnet_stage_depth",
+    "tiny_cnn_depth",
     "BasicBlock",
     "BertClassifier",
     "BertConfig",

@@ -191,3 +191,62 @@ class MobileNetV2(nnx.Module):
     def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Logits ``(N, num_classes)`` of an NHWC batch; ``rngs`` only for train-mode dropout."""
         return self.classifier[1](self.classifier[0](self.embed(x), rngs=rngs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth, default radii and measured layers (the architecture's conventions).
+
+# (D, s, D_head) for MobileNetV2: chosen a priori, not tuned on validation data (the paper
+# does not publish its radii); the run defaults of hessjax.experiment.
+MOBILENET_V2_RADII = (0.5, 1.5, 2.0)
+
+
+def mobilenet_v2_stage_depth(name: str) -> int | None:
+    """Depth of a MobileNetV2 weight for the layerwise radii: ``features.*`` in 4 stages.
+
+    Stages of torchvision's ``features`` indices (by resolution / width):
+    1-3 (16-24 channels) -> 0, 4-6 (32) -> 1, 7-13 (64-96) -> 2, 14-18 (160-1280) -> 3.
+    The stem ``features.0``, biases, BatchNorm parameters and anything outside ``features``
+    return ``None`` (unconstrained), as the reference code leaves the stem and biases free.
+
+    Args:
+      name: a path name such as ``"features/15/conv/1/0/kernel"``.
+
+    Returns:
+      0..3 or ``None``.
+
+    Example:
+      >>> mobilenet_v2_stage_depth("features/15/conv/2/kernel"), mobilenet_v2_stage_depth(
+      ...     "features/0/0/kernel")
+      (3, None)
+
+    References:
+      Ju, Li & Zhang, ICML 2022, section 3 (radii growing with depth; the ResNet grouping
+      layer1-2 / layer3 / layer4 of the reference code, here adapted to MobileNetV2).
+    """
+    parts = name.split("/")
+    if parts[-1] != "kernel" or len(parts) < 2 or parts[0] != "features":
+        return None
+    idx = int(parts[1])
+    if idx == 0:
+        return None
+    return 0 if idx <= 3 else 1 if idx <= 6 else 2 if idx <= 13 else 3
+
+
+def mobilenet_v2_later_layer(name: str) -> bool:
+    """Whether a weight is a kernel of MobileNetV2's later blocks (``features.14-18``) or head.
+
+    The layers ``hessjax measure --later-only`` measures (the cheap subset of a full
+    fine-tuning; the default measures every fine-tuned kernel).
+
+    Example:
+      >>> mobilenet_v2_later_layer("features/15/conv/2/kernel"), mobilenet_v2_later_layer(
+      ...     "features/3/conv/0/0/kernel")
+      (True, False)
+    """
+    parts = name.split("/")
+    if parts[-1] != "kernel":
+        return False
+    if parts[0] == "classifier":
+        return True
+    return parts[0] == "features" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) >= 14

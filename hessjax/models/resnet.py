@@ -149,3 +149,37 @@ def resnet18(num_classes: int = 1000, *, rngs: nnx.Rngs) -> ResNet:
 def resnet50(num_classes: int = 1000, *, rngs: nnx.Rngs) -> ResNet:
     """``ResNet(50, num_classes)``; see :class:`ResNet`."""
     return ResNet(50, num_classes, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth (the architecture's convention for layerwise radii).
+
+
+def resnet_stage_depth(name: str) -> int | None:
+    """The reference code's depth of a ResNet weight: layer1/layer2 -> 0, layer3 -> 1, layer4 -> 2.
+
+    Only multi-dimensional weights are meant (pass kernels): the function looks at the path
+    name alone and returns ``None`` (unconstrained) for anything outside ``layer1..layer4``
+    (the stem, the head) and for names ending in ``bias``, ``scale`` or ``mean``/``var``.
+
+    Args:
+      name: a path name such as ``"layer3/0/conv1/kernel"``.
+
+    Returns:
+      0, 1, 2 or ``None``.
+
+    Example:
+      >>> resnet_stage_depth("layer4/1/conv2/kernel"), resnet_stage_depth("conv1/kernel")
+      (2, None)
+
+    References:
+      Ju, Li & Zhang, ICML 2022, section 3; reference code ``ConstraintTrainer.add_constraint``.
+    """
+    parts = name.split("/")
+    if parts[-1] in ("bias", "scale", "mean", "var"):
+        return None
+    depths = {"layer1": 0, "layer2": 0, "layer3": 1, "layer4": 2}
+    for part in parts:
+        if part in depths:
+            return depths[part]
+    return None

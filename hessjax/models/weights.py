@@ -17,7 +17,9 @@ import numpy as np
 from flax import nnx
 
 from hessjax._torch_pickle import read_torch_file, write_torch_file
+from hessjax._util import listing
 
+_listing = listing  # the name hessjax.models.bert_io imports (to be moved to _util)
 MOBILENET_V2_ENV = "HESSJAX_MOBILENET_V2_WEIGHTS"
 _MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 
@@ -269,11 +271,6 @@ def _from_torch_layout(a: np.ndarray, kind: str) -> np.ndarray:
     return a
 
 
-def _listing(title: str, items: list[str], limit: int = 25) -> str:
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"{title} ({len(items)}): {', '.join(items[:limit])}{more}"
-
-
 def load_torch_weights(
     model: nnx.Module,
     state_dict: Mapping[str, Any],
@@ -336,7 +333,7 @@ def load_torch_weights(
         updates.append((variable, _from_torch_layout(value, kind)))
     if missing or unexpected or mis_shaped:
         parts = [
-            _listing(title, items)
+            listing(title, items)
             for title, items in (
                 ("missing keys", missing),
                 ("unexpected keys", unexpected),

@@ -1,13 +1,14 @@
-"""Training: fine-tuning methods by name, the fit loop with orbax checkpoints, model factory.
+"""Training: fine-tuning methods by name, the fit loop with orbax checkpoints.
 
 * :mod:`hessjax.train.methods`: :class:`TrainConfig`, the method registry :data:`METHODS`,
-  :func:`build_method` (a per-example loss and an optax chain), :func:`make_optimizer`,
-  depth functions for the layerwise radii.
+  :func:`build_method` (a per-example loss and an optax chain), :func:`make_optimizer`.
 * :mod:`hessjax.train.loop`: :func:`fit` (jitted steps, clean validation, early stopping,
   checkpoints, exact resume), :func:`evaluate`.
 * :mod:`hessjax.train.checkpoint`: :class:`Checkpointer` (the run directory's layout, one
   atomic commit record), :class:`RunLock` (one run per directory), :func:`save_tree`.
-* :mod:`hessjax.train.zoo`: :func:`make_model` (``mobilenet_v2``, ``tiny_cnn``, ``minilm``).
+
+The models themselves (the zoo, :func:`hessjax.models.make_model`, and each architecture's
+depth function and default radii) live in :mod:`hessjax.models`.
 
 References:
   Ju, Li & Zhang, "Robust Fine-Tuning of Deep Neural Networks with Hessian-based
@@ -22,12 +23,9 @@ from hessjax.train.methods import (
     TrainConfig,
     build_method,
     cross_entropy,
-    default_depth,
     make_optimizer,
-    mobilenet_v2_stage_depth,
     register_method,
 )
-from hessjax.train.zoo import MODELS, TinyCNN, make_model
 
 __all__ = [
     "METHODS",
@@ -36,20 +34,19 @@ __all__ = [
     "RunLock",
     "load_tree",
     "save_tree",
-    "MODELS",
     "FitResult",
     "Method",
-    "TinyCNN",
     "TrainConfig",
     "build_method",
     "cross_entropy",
-    "default_depth",
     "evaluate",
     "fit",
-    "make_model",
     "make_optimizer",
-    "mobilenet_v2_stage_depth",
     "register_method",
     "restore_checkpoint",
     "split_model",
 ]
+
+# Moved to hessjax.models (the model zoo owns them); still importable from here for a while.
+from hessjax.models.mobilenet import mobilenet_v2_stage_depth  # noqa: E402, F401
+from hessjax.models.zoo import MODELS, TinyCNN, default_depth, make_model  # noqa: E402, F401

@@ -34,13 +34,9 @@ import optax
 import optax.losses
 
 from hessjax import losses as L
+from hessjax.models.zoo import default_depth
 from hessjax.noise import symmetric_transition, validate_transition
-from hessjax.transforms import (
-    anchor_penalty,
-    layerwise_radii,
-    project_to_anchor,
-    resnet_stage_depth,
-)
+from hessjax.transforms import anchor_penalty, layerwise_radii, project_to_anchor
 
 PyTree = Any
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -51,9 +47,7 @@ __all__ = [
     "TrainConfig",
     "build_method",
     "cross_entropy",
-    "default_depth",
     "make_optimizer",
-    "mobilenet_v2_stage_depth",
     "register_method",
 ]
 
@@ -179,62 +173,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def mobilenet_v2_stage_depth(name: str) -> int | None:
-    """Depth of a MobileNetV2 weight for the layerwise radii: ``features.*`` in 4 stages.
-
-    Stages of torchvision's ``features`` indices (by resolution / width):
-    1-3 (16-24 channels) -> 0, 4-6 (32) -> 1, 7-13 (64-96) -> 2, 14-18 (160-1280) -> 3.
-    The stem ``features.0``, biases, BatchNorm parameters and anything outside ``features``
-    return ``None`` (unconstrained), as the reference code leaves the stem and biases free.
-
-    Args:
-      name: a path name such as ``"features/15/conv/1/0/kernel"``.
-
-    Returns:
-      0..3 or ``None``.
-
-    Example:
-      >>> mobilenet_v2_stage_depth("features/15/conv/2/kernel"), mobilenet_v2_stage_depth(
-      ...     "features/0/0/kernel")
-      (3, None)
-
-    References:
-      Ju, Li & Zhang, ICML 2022, section 3 (radii growing with depth; the ResNet grouping
-      layer1-2 / layer3 / layer4 of the reference code, here adapted to MobileNetV2).
-    """
-    parts = name.split("/")
-    if parts[-1] != "kernel" or len(parts) < 2 or parts[0] != "features":
-        return None
-    idx = int(parts[1])
-    if idx == 0:
-        return None
-    return 0 if idx <= 3 else 1 if idx <= 6 else 2 if idx <= 13 else 3
-
-
-def default_depth(name: str) -> int | None:
-    """Depth function used when none is given: MobileNetV2 / ResNet stages, BERT's encoder
-    layer index (:func:`hessjax.models.bert.bert_layer_depth`), else 0 for kernels.
-
-    Example:
-      >>> default_depth("layer4/0/conv1/kernel"), default_depth("conv1/kernel"), default_depth(
-      ...     "conv1/bias")
-      (2, 0, None)
-      >>> default_depth("bert/encoder/layer/4/output/dense/kernel"), default_depth(
-      ...     "bert/embeddings/word_embeddings/embedding")
-      (4, None)
-    """
-    if name.startswith("features/"):
-        return mobilenet_v2_stage_depth(name)
-    parts = name.split("/")
-    if "encoder" in parts or "embeddings" in parts:  # BERT-family text encoders
-        from hessjax.models.bert import bert_layer_depth
-
-        return bert_layer_depth(name)
-    if any(p in ("layer1", "layer2", "layer3", "layer4") for p in parts):
-        return resnet_stage_depth(name)
-    return 0 if parts[-1] == "kernel" else None
-
-
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """The optimizer with step decay: lr * factor^floor(epoch / lr_decay_every).
 
@@ -279,11 +217,15 @@ METHODS: dict[str, Builder] = {}
 
 
 def register_method(name: str) -> Callable[[Builder], Builder]:
-    """Decorator adding a builder ``(config, params, *, optimizer, transition, depth_fn)``.
+    """Decorator adding a builder ``(config, params, *, optimizer, transition, depth_fn, anchor)``.
+
+    ``anchor`` is the pretrained params (a pytree like ``params``) that anchored transforms
+    must be centred on: pass it on as ``project_to_anchor(..., anchor=anchor)`` /
+    ``anchor_penalty(..., anchor=anchor)``.
 
     Example:
       >>> @register_method("my_plain")
-      ... def _(config, params, *, optimizer, transition, depth_fn):
+      ... def _(config, params, *, optimizer, transition, depth_fn, anchor):
       ...     return Method(cross_entropy, optimizer)
       >>> "my_plain" in METHODS
       True
@@ -316,61 +258,61 @@ def _radii(config, params, depth_fn):
 
 
 @register_method("plain")
-def _plain(config, params, *, optimizer, transition, depth_fn):
+def _plain(config, params, *, optimizer, transition, depth_fn, anchor):
     return Method(cross_entropy, optimizer)
 
 
 @register_method("plain_es")
-def _plain_es(config, params, *, optimizer, transition, depth_fn):
+def _plain_es(config, params, *, optimizer, transition, depth_fn, anchor):
     return Method(cross_entropy, optimizer)
 
 
 @register_method("l2sp")
-def _l2sp(config, params, *, optimizer, transition, depth_fn):
+def _l2sp(config, params, *, optimizer, transition, depth_fn, anchor):
     strength = lambda name: 2.0 * config.penalty if name.endswith("kernel") else None
-    return Method(cross_entropy, optax.chain(anchor_penalty(strength), optimizer))
+    return Method(cross_entropy, optax.chain(anchor_penalty(strength, anchor=anchor), optimizer))
 
 
 @register_method("label_smoothing")
-def _ls(config, params, *, optimizer, transition, depth_fn):
+def _ls(config, params, *, optimizer, transition, depth_fn, anchor):
     s = config.smoothing
     return Method(lambda lo, y: L.label_smoothing_cross_entropy(lo, y, smoothing=s), optimizer)
 
 
 @register_method("gce")
-def _gce(config, params, *, optimizer, transition, depth_fn):
+def _gce(config, params, *, optimizer, transition, depth_fn, anchor):
     q = config.gce_q
     return Method(lambda lo, y: L.generalized_cross_entropy(lo, y, q=q), optimizer)
 
 
 @register_method("sce")
-def _sce(config, params, *, optimizer, transition, depth_fn):
+def _sce(config, params, *, optimizer, transition, depth_fn, anchor):
     a, b = config.sce_alpha, config.sce_beta
     return Method(lambda lo, y: L.symmetric_cross_entropy(lo, y, alpha=a, beta=b), optimizer)
 
 
 @register_method("forward")
-def _forward(config, params, *, optimizer, transition, depth_fn):
+def _forward(config, params, *, optimizer, transition, depth_fn, anchor):
     t = _needs_t(transition, "forward")
     return Method(lambda lo, y: L.forward_corrected_cross_entropy(lo, y, t), optimizer)
 
 
 @register_method("backward")
-def _backward(config, params, *, optimizer, transition, depth_fn):
+def _backward(config, params, *, optimizer, transition, depth_fn, anchor):
     t = _needs_t(transition, "backward")
     return Method(lambda lo, y: L.backward_corrected_cross_entropy(lo, y, t), optimizer)
 
 
 @register_method("constraint")
-def _constraint(config, params, *, optimizer, transition, depth_fn):
-    proj = project_to_anchor(_radii(config, params, depth_fn), norm=config.norm)
+def _constraint(config, params, *, optimizer, transition, depth_fn, anchor):
+    proj = project_to_anchor(_radii(config, params, depth_fn), norm=config.norm, anchor=anchor)
     return Method(cross_entropy, optax.chain(optimizer, proj))
 
 
 @register_method("robust")
-def _robust(config, params, *, optimizer, transition, depth_fn):
+def _robust(config, params, *, optimizer, transition, depth_fn, anchor):
     t = _needs_t(transition, "robust")
-    proj = project_to_anchor(_radii(config, params, depth_fn), norm=config.norm)
+    proj = project_to_anchor(_radii(config, params, depth_fn), norm=config.norm, anchor=anchor)
     loss = lambda lo, y: L.backward_corrected_cross_entropy(lo, y, t)
     return Method(loss, optax.chain(optimizer, proj))
 
@@ -383,6 +325,7 @@ def build_method(
     steps_per_epoch: int,
     transition: Any = None,
     depth_fn: Callable[[str], int | None] | None = None,
+    anchor: PyTree | None = None,
 ) -> Method:
     """The loss and optax chain of ``config.method`` for the model whose params are given.
 
@@ -391,6 +334,12 @@ def build_method(
     layer1-4, else 0 for kernels) and ``head_radius`` for the head (path components
     ``head``/``fc``/``classifier``). The transition T for forward/backward/robust is
     ``transition`` or ``symmetric_transition(config.noise_rate)``.
+
+    The anchor of ``l2sp``, ``constraint`` and ``robust`` (the centre of the penalty and of the
+    balls) is ``anchor``, the pretrained params, passed explicitly to
+    :func:`hessjax.project_to_anchor` / :func:`hessjax.anchor_penalty`; ``None`` means
+    ``params`` themselves (the weights the method is built from, before any step). Measure the
+    fine-tuned model against the same object (:func:`hessjax.hessian_distance` ``anchor``).
 
     Cost: building the chain is free; ``tx.init`` copies the anchored leaves once.
 
@@ -401,6 +350,8 @@ def build_method(
       steps_per_epoch: for the step decay.
       transition: (k, k) T[i, j] = P(noisy j | clean i), or None.
       depth_fn: ``path_name -> depth | None``.
+      anchor: keyword-only, the pretrained params (a pytree like ``params``); default
+        ``params``.
 
     Returns:
       A :class:`Method`.
@@ -432,4 +383,5 @@ def build_method(
         optimizer=optimizer,
         transition=transition,
         depth_fn=default_depth if depth_fn is None else depth_fn,
+        anchor=params if anchor is None else anchor,
     )
