@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hessjax.models import TinyCNN, mobilenet_v2_stage_depth
 from hessjax.noise import symmetric_transition
 from hessjax.train import (
     METHODS,
-    TinyCNN,
     TrainConfig,
     build_method,
     evaluate,
     fit,
-    mobilenet_v2_stage_depth,
     split_model,
 )
 

@@ -16,7 +16,7 @@ import pytest
 
 import hessjax
 from hessjax import estimators, measures
-from hessjax.hvp import per_example_block_forms
+from hessjax.hessian import per_example_block_forms
 from hessjax.measures import screening
 from tests import _models
 
@@ -209,7 +209,7 @@ def test_bad_input():
         measures.hessian_distance(loss, params, anchor, examples, n=4, screening="yes")
     part = hessjax.layer_partition(params)
     with pytest.raises(ValueError, match="layer"):
-        hessjax.hvp.layer_hvp_fn(loss, params, part, part.num_layers, _rows(examples))
+        hessjax.hessian.layer_hvp_fn(loss, params, part, part.num_layers, _rows(examples))
 
 
 def _rows(examples, i=0):

@@ -503,7 +503,7 @@ def test_linear_probe_experiment_smoke(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).parents[1] / "experiments" / "linear_probe.py"
+    script = Path(__file__).parents[2] / "experiments" / "linear_probe.py"
     spec = importlib.util.spec_from_file_location("linear_probe", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -605,8 +605,7 @@ def test_top_on_trunk_equals_whole_network(mobilenet_sd, first_block):
 
 
 def test_first_block_errors():
-    from hessjax.models import mobilenet_v2_trunk
-    from hessjax.train import make_model
+    from hessjax.models import make_model, mobilenet_v2_trunk
 
     with pytest.raises(ValueError, match="first_block"):
         MobileNetV2(10, first_block=19, rngs=nnx.Rngs(0))

@@ -28,7 +28,7 @@ from hessjax.cli import main
 from hessjax.train import load_tree
 from hessjax.train.checkpoint import FAULT_ENV
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # 40 training images, batch 8: 5 steps an epoch; 2 epochs; commits at steps 2, 4, 5 (epoch
 # end, with best), 6, 8, 10 (epoch end): 6 commits.
 TINY = [
@@ -54,7 +54,7 @@ def _outcome(out: Path):
     """The final parameters and the metrics (without wall times) of a finished run."""
     from flax import nnx
 
-    from hessjax.train import make_model
+    from hessjax.models import make_model
 
     model = make_model("tiny_cnn", 10, seed=0, in_channels=1)
     from hessjax.train import split_model

@@ -1,0 +1,160 @@
+"""Quadratic forms, Tr f(H) and the spectral density (hessjax.estimators.quadrature) against
+numpy eigh and closed forms."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+
+from hessjax import estimators as E
+from tests.estimators._dense import (  # noqa: F401
+    BLOCK_SHAPES,
+    DTYPES,
+    SHAPES,
+    N,
+    block_problem,
+    dense,
+    dense_matvec,
+    flat_jnp,
+    like,
+    make_partition,
+    orthogonal,
+    precision,
+    psd_part,
+    to_flat,
+    to_tree,
+    to_tree_jnp,
+    tol,
+)
+
+
+class QuadraticFormTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*DTYPES)
+    def test_identity_and_positive_part(self, dtype):
+        rng = np.random.default_rng(4)
+        lam = rng.normal(size=N)
+        a, _ = dense(rng, lam)
+        x = rng.normal(size=N)
+        with precision(dtype):
+            matvec = dense_matvec(a, SHAPES, dtype)
+            v = to_tree(x, SHAPES, dtype)
+            lin = self.variant(lambda v: E.quadratic_form(matvec, v, lambda t: t, num_iters=N))(v)
+            pos = self.variant(lambda v: E.positive_quadratic_form(matvec, v, num_iters=40))(v)
+            exp = self.variant(lambda v: E.quadratic_form(matvec, v, jnp.exp, num_iters=2 * N))(v)
+        assert lin.shape == () and lin.dtype == dtype
+        np.testing.assert_allclose(lin, x @ a @ x, rtol=tol(dtype), atol=tol(dtype))
+        np.testing.assert_allclose(pos, x @ psd_part(a) @ x, rtol=tol(dtype), atol=tol(dtype))
+        w, u = np.linalg.eigh(a)
+        np.testing.assert_allclose(exp, x @ (u * np.exp(w)) @ u.T @ x, rtol=tol(dtype))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*DTYPES)
+    def test_early_exhaustion_is_exact(self, dtype):
+        rng = np.random.default_rng(5)
+        lam = np.linspace(-2.0, 3.0, N)
+        a, q = dense(rng, lam)
+        x = q[:, [0, 7, 16]] @ np.array([1.0, -2.0, 0.5])  # invariant subspace of dim 3
+        with precision(dtype):
+            matvec = dense_matvec(a, SHAPES, dtype)
+            v = to_tree(x, SHAPES, dtype)
+            res = E.lanczos(matvec, v, num_iters=8)
+            pos = self.variant(lambda v: E.positive_quadratic_form(matvec, v, num_iters=8))(v)
+        assert int(res.num_valid) == 3
+        ref = 0.0 * 1.0 + 4.0 * max(lam[7], 0) + 0.25 * lam[16]
+        np.testing.assert_allclose(pos, ref, rtol=tol(dtype, 1e-5))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*DTYPES)
+    def test_per_layer(self, dtype):
+        rng = np.random.default_rng(6)
+        with precision(dtype):
+            matvec, part, (a1, a2), _ = block_problem(rng, dtype)
+            x = rng.normal(size=22)
+            v = to_tree(x, BLOCK_SHAPES, dtype)
+            pos = self.variant(
+                lambda v: E.positive_quadratic_form(matvec, v, num_iters=12, partition=part)
+            )(v)
+            zero_b = self.variant(
+                lambda v: E.positive_quadratic_form(matvec, v, num_iters=12, partition=part)
+            )(dict(v, b=jnp.zeros((2, 3), dtype)))
+        assert pos.shape == (2,)
+        ref = [x[:12] @ psd_part(a1) @ x[:12], x[12:18] @ psd_part(a2) @ x[12:18]]
+        np.testing.assert_allclose(pos, ref, rtol=tol(dtype), atol=tol(dtype))
+        np.testing.assert_allclose(zero_b, [ref[0], 0.0], rtol=tol(dtype), atol=tol(dtype))
+
+    def test_zero_vector_gives_zero_not_nan(self):
+        rng = np.random.default_rng(7)
+        a, _ = dense(rng, rng.normal(size=N))
+        matvec = dense_matvec(a, SHAPES, np.float32)
+        for fn in (E.positive_part, jnp.log):  # log(0) = -inf must not leak
+            out = jax.jit(lambda v, fn=fn: E.quadratic_form(matvec, v, fn, num_iters=5))(
+                like(SHAPES, np.float32)
+            )
+            assert float(out) == 0.0
+
+    def test_vmap_over_per_example_operators(self):
+        rng = np.random.default_rng(8)
+        mats = np.stack([dense(rng, rng.normal(size=N))[0] for _ in range(4)])
+        xs = rng.normal(size=(4, N))
+
+        def one(m, x):
+            matvec = lambda v: to_tree_jnp(m @ flat_jnp(v))
+            return E.positive_quadratic_form(matvec, to_tree_jnp(x), num_iters=N)
+
+        out = jax.jit(jax.vmap(one))(jnp.asarray(mats, jnp.float32), jnp.asarray(xs, jnp.float32))
+        ref = [x @ psd_part(m) @ x for m, x in zip(mats, xs, strict=True)]
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+    def test_no_retrace(self):
+        rng = np.random.default_rng(9)
+        a, _ = dense(rng, rng.normal(size=N))
+        matvec = dense_matvec(a, SHAPES, np.float32)
+
+        @jax.jit
+        @chex.assert_max_traces(n=1)
+        def measure(v):
+            return E.positive_quadratic_form(matvec, v, num_iters=6)
+
+        for seed in range(3):
+            measure(to_tree(np.random.default_rng(seed).normal(size=N), SHAPES, np.float32))
+
+
+# --------------------------------------------------------------------------- density
+class DensityTest(chex.TestCase):
+    @chex.variants(with_jit=True)
+    @parameterized.named_parameters(("f32", np.float32))  # f64: see the Lanczos tests
+    def test_spectral_density(self, dtype):
+        rng = np.random.default_rng(13)
+        lam = rng.normal(size=N)
+        a, _ = dense(rng, lam)
+        with precision(dtype):
+            matvec = dense_matvec(a, SHAPES, dtype)
+            out = self.variant(
+                lambda k: E.spectral_density(
+                    matvec, like(SHAPES, dtype), k, num_probes=3, num_iters=N, chunk_size=2
+                )
+            )(jax.random.key(0))
+        assert out.nodes.shape == out.weights.shape == (3, N)
+        np.testing.assert_allclose(np.trapezoid(out.density, out.grid), 1.0, atol=1e-3)
+        np.testing.assert_allclose(np.asarray(out.weights).sum(axis=1), 1.0, rtol=tol(dtype, 1e-5))
+        for nodes in np.asarray(out.nodes):
+            np.testing.assert_allclose(np.sort(nodes), np.sort(lam), atol=tol(dtype))
+        # the density with a given grid and sigma: the closed form of the broadened measure
+        sigma, grid = 0.3, np.linspace(-4, 4, 9)
+        with precision(dtype):
+            fixed = self.variant(
+                lambda k: E.spectral_density(
+                    matvec, like(SHAPES, dtype), k, num_probes=2, num_iters=N,
+                    grid=jnp.asarray(grid, dtype), sigma=sigma,
+                )
+            )(jax.random.key(1))  # fmt: skip
+        w = np.asarray(fixed.weights, np.float64)
+        ref = np.sum(
+            w[None] * np.exp(-0.5 * ((grid[:, None, None] - np.asarray(fixed.nodes)) / sigma) ** 2),
+            axis=(1, 2),
+        ) / (2 * sigma * np.sqrt(2 * np.pi))
+        np.testing.assert_allclose(fixed.density, ref, rtol=1e-4, atol=1e-6)
