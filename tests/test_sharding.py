@@ -108,7 +108,9 @@ def test_mesh_map_one_device_matches():
     loss = lambda p, ex: 0.5 * jnp.sum((p["w"] @ ex[0] - ex[1]) ** 2) + jnp.sum(p["w"] ** 4)
     examples = (jnp.arange(6.0).reshape(3, 2), jnp.ones((3, 2)))
     a = hessjax.hessian_distance(loss, params, anchor, examples, n=10)
-    b = hessjax.hessian_distance(loss, params, anchor, examples, n=10, map_fn=mesh_map(make_mesh(1)))
+    b = hessjax.hessian_distance(
+        loss, params, anchor, examples, n=10, map_fn=mesh_map(make_mesh(1))
+    )
     np.testing.assert_allclose(a.per_layer, b.per_layer, rtol=1e-6)
     assert int(a.argmax[0]) == int(b.argmax[0])
 
@@ -126,13 +128,23 @@ def test_initialize_distributed_validates(monkeypatch):
         initialize_distributed()
 
 
-def test_cli_devices_option():
-    args = cli._parser().parse_args(["measure", "run", "--devices", "2"])
-    assert args.devices == 2 and not args.distributed
-    assert cli._parser().parse_args(["measure", "run", "--devices", "all"]).devices == "all"
-    assert cli._parser().parse_args(["finetune", "--devices", "1"]).devices == 1
+def test_cli_devices_option(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake_measure_run(run, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli, "measure_run", fake_measure_run)
+    for text, value in (("2", 2), ("all", "all")):
+        assert cli.main(["measure", str(tmp_path), "--devices", text]) == 2
+        assert seen["devices"] == value
+    monkeypatch.setattr(cli, "finetune", lambda cfg, **kw: seen.update(cfg=cfg) or {})
+    assert cli.main(["finetune", "--devices", "1", "--output-dir", str(tmp_path)]) == 0
+    assert seen["cfg"].devices == 1
     with pytest.raises(SystemExit):
-        cli._parser().parse_args(["measure", "run", "--devices", "0"])
+        cli.main(["measure", str(tmp_path), "--devices", "0"])
+    assert "--devices" in capsys.readouterr().err
     assert data_mesh(None) is None and mesh_size(data_mesh(1)) == 1
     with pytest.raises(ValueError, match="devices"):
         data_mesh(jax.device_count() + 1)
