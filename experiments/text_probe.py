@@ -34,6 +34,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import scipy.sparse as sp
+from scipy.special import log_expit, log_softmax
 from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -94,6 +95,14 @@ def bag_of_wordpieces(x, vocab_size):
     return m
 
 
+def log_probs(scores):
+    """Log-probabilities from logistic-regression scores, finite even where a probability
+    rounds to 0 (``predict_log_proba`` gives -inf there): (n,) binary or (n, k) logits."""
+    if scores.ndim == 1:
+        return np.stack([log_expit(-scores), log_expit(scores)], 1)
+    return log_softmax(scores, axis=1)
+
+
 def probe(feats, splits, c_grid, *, standardise=True):
     """Logistic regression on frozen features, ``C`` chosen on the clean validation set.
 
@@ -113,7 +122,7 @@ def probe(feats, splits, c_grid, *, standardise=True):
     grid, fits = [], []
     for c in c_grid:
         clf = LogisticRegression(C=c, max_iter=10000).fit(feats["train"], splits.train_labels)
-        logp = {s: clf.predict_log_proba(feats[s]) for s in ("val", "test")}
+        logp = {s: log_probs(clf.decision_function(feats[s])) for s in ("val", "test")}
         pred = {s: (np.argmax(v, 1), np.argmax(v + shift, 1)) for s, v in logp.items()}
         yv = splits.val_labels
         row = {
