@@ -96,7 +96,9 @@ def _accept(out: Path, cfg: dict) -> dict | None:
             raise ValueError(f"output_dir: {out} exists and is not a directory")
         return None
     saved = read_config(out)
-    a, b = run_fingerprint(saved), run_fingerprint(cfg)
+    # an option added after the run was made holds its default there
+    saved_full = RunConfig().to_dict() | saved
+    a, b = run_fingerprint(saved_full), run_fingerprint(cfg)
     diff = [f"config.{k} = {a.get(k)!r} in {out}, {b.get(k)!r} now"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]  # fmt: skip
     if diff:
@@ -215,7 +217,7 @@ def _run_finetune(out: Path, cfg: dict, *, progress: bool, splits, cache) -> dic
 
     from hessjax.bounds import generalization_gap
     from hessjax.noise import dual_t_transition, symmetric_transition
-    from hessjax.train import build_method, evaluate, fit, split_model
+    from hessjax.train import NEEDS_TRANSITION, build_method, evaluate, fit, split_model
 
     if splits is None:
         splits, true_t = cache.splits(cfg)
@@ -229,7 +231,7 @@ def _run_finetune(out: Path, cfg: dict, *, progress: bool, splits, cache) -> dic
     val = (splits.val_images, splits.val_labels)
 
     transition = None
-    if cfg["method"] in ("forward", "backward", "robust"):
+    if cfg["method"] in NEEDS_TRANSITION:
         if cfg["transition"] == "true":
             transition = true_t if true_t is not None else np.eye(k, dtype=np.float32)
         elif cfg["transition"] == "symmetric":

@@ -19,6 +19,7 @@ from hessjax.train.checkpoint import Checkpointer, RunLock, load_tree, restore_c
 from hessjax.train.loop import RESUMABLE_FIELDS, FitResult, evaluate, fit, split_model
 from hessjax.train.methods import (
     METHODS,
+    NEEDS_TRANSITION,
     Method,
     TrainConfig,
     build_method,
@@ -29,6 +30,7 @@ from hessjax.train.methods import (
 
 __all__ = [
     "METHODS",
+    "NEEDS_TRANSITION",
     "RESUMABLE_FIELDS",
     "Checkpointer",
     "RunLock",

@@ -16,9 +16,16 @@ name                loss / chain
 ``backward``        backward_corrected_cross_entropy(T) / optimizer
 ``constraint``      cross-entropy / chain(optimizer, project_to_anchor(layerwise radii))
 ``robust``          backward_corrected_cross_entropy(T) / chain(optimizer, project_to_anchor)
+``robust_clipped``  backward correction with negative weights of pinv(T) clipped / the same
+``robust_forward``  forward_corrected_cross_entropy(T) / chain(optimizer, project_to_anchor)
+``robust_gce``      generalized_cross_entropy(q) / chain(optimizer, project_to_anchor)
+``robust_sce``      symmetric_cross_entropy(alpha, beta) / chain(optimizer, project_to_anchor)
 ==================  =====================================================================
 
-``robust`` is the paper's algorithm (Ju, Li & Zhang 2022, section 3).
+``robust`` is the paper's algorithm (Ju, Li & Zhang 2022, section 3); the ``robust_*`` methods
+are the same layerwise constraint composed with the other consistent or robust losses (the
+paper's framework admits any loss; Theorem 2.1 asks for a bounded one, which the unclipped
+backward correction is not). :data:`NEEDS_TRANSITION` names the methods that need T.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 __all__ = [
     "METHODS",
+    "NEEDS_TRANSITION",
     "Method",
     "TrainConfig",
     "build_method",
@@ -305,16 +313,51 @@ def _backward(config, params, *, optimizer, transition, depth_fn, anchor):
 
 @register_method("constraint")
 def _constraint(config, params, *, optimizer, transition, depth_fn, anchor):
+    return _constrained(cross_entropy, config, params, optimizer, depth_fn, anchor)
+
+
+def _constrained(loss, config, params, optimizer, depth_fn, anchor) -> Method:
     proj = project_to_anchor(_radii(config, params, depth_fn), norm=config.norm, anchor=anchor)
-    return Method(cross_entropy, optax.chain(optimizer, proj))
+    return Method(loss, optax.chain(optimizer, proj))
 
 
 @register_method("robust")
 def _robust(config, params, *, optimizer, transition, depth_fn, anchor):
     t = _needs_t(transition, "robust")
-    proj = project_to_anchor(_radii(config, params, depth_fn), norm=config.norm, anchor=anchor)
     loss = lambda lo, y: L.backward_corrected_cross_entropy(lo, y, t)
-    return Method(loss, optax.chain(optimizer, proj))
+    return _constrained(loss, config, params, optimizer, depth_fn, anchor)
+
+
+@register_method("robust_clipped")
+def _robust_clipped(config, params, *, optimizer, transition, depth_fn, anchor):
+    t = _needs_t(transition, "robust_clipped")
+    loss = lambda lo, y: L.backward_corrected_cross_entropy(lo, y, t, clip_negative=True)
+    return _constrained(loss, config, params, optimizer, depth_fn, anchor)
+
+
+@register_method("robust_forward")
+def _robust_forward(config, params, *, optimizer, transition, depth_fn, anchor):
+    t = _needs_t(transition, "robust_forward")
+    loss = lambda lo, y: L.forward_corrected_cross_entropy(lo, y, t)
+    return _constrained(loss, config, params, optimizer, depth_fn, anchor)
+
+
+@register_method("robust_gce")
+def _robust_gce(config, params, *, optimizer, transition, depth_fn, anchor):
+    q = config.gce_q
+    loss = lambda lo, y: L.generalized_cross_entropy(lo, y, q=q)
+    return _constrained(loss, config, params, optimizer, depth_fn, anchor)
+
+
+@register_method("robust_sce")
+def _robust_sce(config, params, *, optimizer, transition, depth_fn, anchor):
+    a, b = config.sce_alpha, config.sce_beta
+    loss = lambda lo, y: L.symmetric_cross_entropy(lo, y, alpha=a, beta=b)
+    return _constrained(loss, config, params, optimizer, depth_fn, anchor)
+
+
+# The methods whose loss needs the noise transition matrix T.
+NEEDS_TRANSITION = frozenset({"forward", "backward", "robust", "robust_clipped", "robust_forward"})
 
 
 def build_method(

@@ -99,9 +99,40 @@ def test_config_validation_names_the_field():
         TrainConfig(lr=-1.0)
 
 
-def test_resume_gives_the_same_parameters(tmp_path):
+ROBUST_VARIANTS = ("robust_clipped", "robust_forward", "robust_gce", "robust_sce")
+
+
+@pytest.mark.parametrize("method", ROBUST_VARIANTS)
+def test_robust_variants_are_the_constraint_with_their_loss(method):
+    from hessjax import losses as L
+    from hessjax.noise import symmetric_transition
+
+    cfg = TrainConfig(method=method, noise_rate=0.2, radius=0.05, radius_scale=1.0,
+                      head_radius=0.05, lr=0.1, batch_size=8, epochs=2)  # fmt: skip
+    model = _model()
+    anchor = jax.tree.map(np.asarray, _params(model))
+    m = build_method(cfg, _params(model), num_classes=K, steps_per_epoch=3)
+    t = symmetric_transition(0.2, num_classes=K)
+    logits = jax.random.normal(jax.random.key(0), (5, K))
+    y = np.array([0, 1, 2, 1, 0])
+    expected = {
+        "robust_clipped": L.backward_corrected_cross_entropy(logits, y, t, clip_negative=True),
+        "robust_forward": L.forward_corrected_cross_entropy(logits, y, t),
+        "robust_gce": L.generalized_cross_entropy(logits, y, q=cfg.gce_q),
+        "robust_sce": L.symmetric_cross_entropy(logits, y, alpha=cfg.sce_alpha, beta=cfg.sce_beta),
+    }[method]
+    np.testing.assert_allclose(m.loss(logits, y), expected, rtol=1e-6)
+    r = fit(model, m.loss, m.tx, _data(), None, config=cfg, progress=False)
+    p = _params(r.model)
+    for name in ("conv1", "conv2", "head"):
+        d = np.linalg.norm(np.asarray(p[name]["kernel"]) - anchor[name]["kernel"])
+        assert d <= 0.05 + 1e-5
+
+
+@pytest.mark.parametrize("method", ("robust", *ROBUST_VARIANTS))
+def test_resume_gives_the_same_parameters(tmp_path, method):
     kw = dict(epochs=3, checkpoint_every=1)
-    full = _run("robust", tmp_path / "full", **kw)
+    full = _run(method, tmp_path / "full", **kw)
 
     class Kill(Exception):
         pass
@@ -111,7 +142,7 @@ def test_resume_gives_the_same_parameters(tmp_path):
             raise Kill
 
     model = _model()
-    cfg = TrainConfig(method="robust", noise_rate=0.2, lr=1e-2, batch_size=8, **kw)
+    cfg = TrainConfig(method=method, noise_rate=0.2, lr=1e-2, batch_size=8, **kw)
     m = build_method(cfg, _params(model), num_classes=K, steps_per_epoch=3)
     with pytest.raises(Kill):
         fit(
@@ -125,7 +156,7 @@ def test_resume_gives_the_same_parameters(tmp_path):
             callback=killer,
             progress=False,
         )
-    resumed = _run("robust", tmp_path / "cut", **kw)
+    resumed = _run(method, tmp_path / "cut", **kw)
     assert resumed.step == full.step == 9
     for a, b in zip(
         jax.tree.leaves(nnx.state(full.model)),
