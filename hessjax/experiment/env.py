@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-__all__ = ["data_mesh", "git_commit", "use_compilation_cache"]
+__all__ = ["data_mesh", "default_compilation_cache_dir", "git_commit", "use_compilation_cache"]
 
 
 def data_mesh(devices: int | str | None):
@@ -29,21 +30,49 @@ def git_commit() -> str | None:
         return None
 
 
-def use_compilation_cache(directory: str | Path) -> None:
+CACHE_ENV = "HESSJAX_COMPILATION_CACHE"
+
+
+def default_compilation_cache_dir() -> Path:
+    """Where the CLI and the experiments keep JAX's compiled programs.
+
+    ``$HESSJAX_COMPILATION_CACHE`` if set, else ``$XDG_CACHE_HOME/hessjax/jax`` (by default
+    ``~/.cache/hessjax/jax``).
+
+    Example:
+      >>> default_compilation_cache_dir().name in ("jax", os.environ.get(CACHE_ENV, "jax"))
+      True
+    """
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hessjax" / "jax"
+
+
+def use_compilation_cache(directory: str | Path | None = None) -> Path:
     """Keep XLA's compiled programs in ``directory`` (JAX's persistent compilation cache).
 
-    Experiments fine-tune many models of the same shapes; with the cache, a training step
-    or evaluation compiled once (in this process or an earlier one) is read back instead of
-    compiled again. Programs whose constants differ (another transition matrix, other
-    BatchNorm statistics closed over by a loss) still compile. This sets global JAX options,
-    so it belongs in scripts and the command line, never in library code.
+    Experiments fine-tune many models of the same shapes, and the estimators compile one step
+    per computation (:func:`hessjax.mapping.compile_once`); with the cache, a program compiled
+    once (in this process or an earlier one) is read back instead of compiled again, so a
+    second process pays nothing for it. Programs whose constants differ (another transition
+    matrix, other BatchNorm statistics closed over by a loss) still compile. The CLI and the
+    experiments call this by default (``--no-compilation-cache`` turns it off). This sets
+    global JAX options, so it belongs in scripts and the command line, never in library code.
 
     Args:
-      directory: the cache folder (created if needed).
+      directory: the cache folder (created if needed); ``None``:
+        :func:`default_compilation_cache_dir`.
+
+    Returns:
+      The absolute cache directory.
     """
     import jax
 
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(Path(directory).absolute()))
+    path = Path(default_compilation_cache_dir() if directory is None else directory).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
