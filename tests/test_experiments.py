@@ -52,16 +52,28 @@ def test_noisy_labels_smoke(tmp_path):
     metrics = _common(tmp_path)
     c = mod.PRESETS["smoke"]
     assert len(metrics["results"]) == len(c["methods"]) * len(c["noises"]) * len(c["seeds"])
-    assert metrics["chosen_radius"]["symmetric0.4"]["robust"] in c["radii"]
-    assert set(metrics["selection"]["symmetric0.4"]["robust"]) == {str(r) for r in c["radii"]}
+    # the protocol: tuned on the tuning seed from the grid, reported on fresh seeds
+    robust = metrics["protocol"]["symmetric0.4"]["robust"]
+    assert robust["chosen"]["radius"] in c["grids"]["robust"]["radius"]
+    assert {t["hparams"]["radius"] for t in robust["trials"]} == set(c["grids"]["robust"]["radius"])
+    assert {r["seed"] for r in metrics["results"]} == set(c["seeds"]) and c["tune_seed"] not in c[
+        "seeds"
+    ]
     for r in metrics["results"]:
         assert 0 <= r["test_accuracy"] <= 1 and r["measure"] >= 0
+        assert r["num_examples"] == min(c["examples"], 60) and r["num_iters"] == c["num_iters"]
+    run = json.loads(
+        (tmp_path / "runs" / "symmetric0.4" / "plain" / "default_s1" / "config.json").read_text()
+    )
+    assert run["early_stopping"] and run["patience"] == c["patience"]  # every method
+    comp = metrics["summary"]["comparison"]["symmetric0.4"]["robust"]
+    assert comp["paired"]["low"] <= comp["paired"]["mean"] <= comp["paired"]["high"]
     assert "robust" in metrics["summary"]["average_gain"]
     assert (tmp_path / "accuracy.png").exists() and (tmp_path / "measure.png").exists()
     assert metrics["missing"] == [] and metrics["partial"] is False
     # --summary-only re-tabulates finished runs without training; a deleted run is listed
     config = (tmp_path / "config.json").read_text()
-    gone = tmp_path / "runs" / "symmetric0.4" / f"plain_D{c['radii'][-1]}_s0" / "results.json"
+    gone = tmp_path / "runs" / "symmetric0.4" / "plain" / "default_s1" / "results.json"
     gone.unlink()
     again = mod.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress",
                       "--summary-only"])  # fmt: skip

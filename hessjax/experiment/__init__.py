@@ -8,6 +8,9 @@ application: :mod:`hessjax.train`, :mod:`hessjax.models`, :mod:`hessjax.data`) a
 * :func:`finetune`: one run into a directory (resumable, a finished run is a no-op);
   :func:`load_run` and :func:`measure_run` read it back and measure it; :func:`demo`.
 * :class:`RunCache`: the memo of splits, trunk features and per-model losses.
+* :func:`tune_then_seeds` and :data:`GRIDS`: the reference code's protocol (every method
+  with early stopping and its best clean-validation checkpoint, tuned on one seed, reported on
+  fresh ones); :func:`bootstrap_correlations`, :func:`paired_difference`: the statistics.
 * :func:`git_commit`, :func:`use_compilation_cache`, :func:`data_mesh`: the environment.
 
 Example:
@@ -27,6 +30,15 @@ from hessjax.experiment.config import (
 from hessjax.experiment.data import RunCache, first_block, make_run_model, noise_transition
 from hessjax.experiment.demo import demo, demo_table
 from hessjax.experiment.env import data_mesh, git_commit, use_compilation_cache
+from hessjax.experiment.protocol import (
+    GRIDS,
+    bootstrap_correlations,
+    coordinate_search,
+    correlations,
+    grid_edges,
+    paired_difference,
+    tune_then_seeds,
+)
 from hessjax.experiment.runs import (
     DEFAULT_CACHE,
     Run,
@@ -39,6 +51,7 @@ from hessjax.experiment.runs import (
 
 __all__ = [
     "DEFAULT_CACHE",
+    "GRIDS",
     "MOBILENET_RADII",
     "NOISE_TYPES",
     "RESUMABLE_OPTIONS",
@@ -46,18 +59,24 @@ __all__ = [
     "Run",
     "RunCache",
     "RunConfig",
+    "bootstrap_correlations",
+    "coordinate_search",
+    "correlations",
     "data_mesh",
     "demo",
     "demo_table",
     "finetune",
     "first_block",
     "git_commit",
+    "grid_edges",
     "load_run",
     "make_run_model",
     "measure_run",
     "noise_transition",
+    "paired_difference",
     "read_config",
     "run_fingerprint",
+    "tune_then_seeds",
     "use_compilation_cache",
     "write_json",
 ]

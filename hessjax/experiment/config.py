@@ -72,7 +72,7 @@ class RunConfig(_DataAndModel):
       epochs, lr, batch_size, seed, optimizer, lr_decay_every, early_stopping, patience:
         optimisation (see :class:`hessjax.train.TrainConfig`).
       radius, radius_scale, head_radius, norm: the layerwise constraint.
-      penalty, smoothing, gce_q: the other methods' hyperparameters.
+      penalty, smoothing, gce_q, sce_alpha, sce_beta: the other methods' hyperparameters.
       max_steps, checkpoint_every: stop after / checkpoint every this many steps.
       output_dir, resume, devices: where the run goes, whether to continue it, and the
         data-parallel device count (None: one device; ``"all"``).
@@ -94,6 +94,8 @@ class RunConfig(_DataAndModel):
     penalty: float = 1e-2
     smoothing: float = 0.1
     gce_q: float = 0.7
+    sce_alpha: float = 0.1
+    sce_beta: float = 1.0
     norm: str = "frobenius"
     max_steps: int | None = None
     checkpoint_every: int | None = None
