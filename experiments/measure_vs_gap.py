@@ -6,12 +6,18 @@ the paper's x-axis), the training-set size, the epochs and the method (plain, ea
 L2-SP, label smoothing), and for each model records the train and test loss, the gap, the
 Hessian distance measure (canonical and reference-code variant), Theorem 2.1's bound, the
 Corollary's bound (radii = the distances, max traces of H_i^+) and the classical
-spectral-norm bound (log10 of its complexity term). Then Pearson/Spearman correlations of
-measure and gap, the ratio measure/gap, a table and plots.
+spectral-norm bound (log10 of its complexity term). Then Pearson/Spearman/Kendall
+correlations of measure and gap with 95% bootstrap intervals, the ratio measure/gap, and per
+model the computable part of Theorem 2.1 (train + sqrt(C) * measure, xi omitted) for a range
+of C with C* = (gap / measure)^2, the smallest C that puts it above the test loss
+(cross-entropy has no C valid for every input); a table and plots. ``--restat`` recomputes
+these statistics from an existing ``metrics.json`` without training (into ``--restat-out``).
 
     .venv/bin/python experiments/measure_vs_gap.py                 # CPU default, 18 models
     .venv/bin/python experiments/measure_vs_gap.py --preset gpu    # full scale, 36 models
     .venv/bin/python experiments/measure_vs_gap.py --preset smoke --out /tmp/mvg   # seconds
+    .venv/bin/python experiments/measure_vs_gap.py --restat \
+        --restat-out experiments/results/measure_vs_gap_stats     # statistics of the results
 
 Presets (``PRESETS``): ``cpu`` MobileNetV2 at 32x32, 30/60 images per class, 5 epochs,
 measure over 32 examples with 4 Lanczos steps, sized for ~90 minutes on 2 cores (an estimate
@@ -59,6 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("experiments/results/measure_vs_gap"))
     p.add_argument("--seed", type=int, default=0, help="data subset, order and example choice")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--restat",
+        action="store_true",
+        help="train and measure nothing: recompute the statistics of <out>/metrics.json",
+    )
+    p.add_argument("--restat-out", type=Path, default=None, help="--restat's folder (--out)")
     p.add_argument("--compilation-cache", default="runs/.xla_cache",
                    help="XLA's persistent compilation cache ('' for none)")  # fmt: skip
     return p.parse_args(argv)
@@ -105,15 +117,84 @@ def classical_log10(run_dir: Path, margin: float) -> dict:
                 width=width, input_norm=input_norm, margin=margin)  # fmt: skip
 
 
-def correlations(x, y) -> dict:
-    """Pearson and Spearman correlations of two sequences (NaN-free inputs)."""
-    from scipy import stats
-
+def correlations(x, y, seed: int = 0) -> dict:
+    """Pearson, Spearman and Kendall with 95% bootstrap intervals (2000 resamples)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
-        return dict(pearson=None, spearman=None, n=len(x))
-    return dict(pearson=float(stats.pearsonr(x, y)[0]), spearman=float(stats.spearmanr(x, y)[0]),
-                n=len(x))  # fmt: skip
+        return dict(pearson=None, spearman=None, kendall=None, n=len(x))
+    b = hexp.bootstrap_correlations(x, y, seed=seed, num_resamples=2000)
+    out = {k: b[k]["estimate"] for k in ("pearson", "spearman", "kendall")}
+    out["ci95"] = {k: [b[k]["low"], b[k]["high"]] for k in ("pearson", "spearman", "kendall")}
+    return out | dict(n=len(x), resamples=b["resamples"])
+
+
+# C of Theorem 2.1: cross-entropy has no bound over all inputs, so the computable part
+# train + sqrt(C) * measure (xi omitted) is reported for a range of C; the largest training
+# loss is only a lower bound of any valid C.
+C_RANGE = (1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def bound_vs_c(row: dict) -> dict:
+    """The computable bound at each C, whether it is above the test loss, and C*.
+
+    C* = (gap / measure)^2 is the smallest C for which train + sqrt(C) * measure >= test.
+    """
+    train, test, mea = row["train_loss"], row["test_loss"], row["measure"]
+    c_max = row.get("train_max_loss")
+    if c_max is None and mea > 0:  # older rows: the C their Theorem 2.1 bound was taken with
+        c_max = ((row["bound"] - train) / mea) ** 2
+    cs = {"max_train_loss": c_max} if c_max else {}
+    cs |= {f"{c:g}": c for c in C_RANGE}
+    bounds = {k: train + float(np.sqrt(c)) * mea for k, c in cs.items()}
+    c_star = (max(test - train, 0.0) / mea) ** 2 if mea > 0 else float("inf")
+    return dict(bounds=bounds, above_test={k: b >= test for k, b in bounds.items()},
+                c_star=c_star)  # fmt: skip
+
+
+def summarize(rows: list[dict], seed: int) -> dict:
+    """Correlations (with intervals), ratios, the radius sweep and the bound against C."""
+    gaps = [r["gap"] for r in rows]
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    top = max((r for r in rows if r["radius"] is not None), key=lambda r: r["radius"])
+    for r in rows:
+        r["bound_vs_c"] = bound_vs_c(r)
+    keys = list(rows[0]["bound_vs_c"]["above_test"])
+    constrained = [r for r in rows if r["radius"] is not None]
+    return dict(
+        canonical=correlations([r["measure"] for r in rows], gaps, seed),
+        reference=correlations([r["measure_ref"] for r in rows], gaps, seed),
+        constrained_only=correlations([r["measure"] for r in constrained],
+                                      [r["gap"] for r in constrained], seed),
+        ratio_median=float(np.median(ratios)) if ratios else None,
+        ratio_range=[float(min(ratios)), float(max(ratios))] if ratios else None,
+        ratio_within_paper_band=sum(0.5 <= q <= 3 for q in ratios),
+        largest_radius=dict(radius=top["radius"], n=top["n"], measure=top["measure"],
+                            gap=top["gap"], paper="measure ~1.2 vs gap ~0.78 at radius 1.0"),
+        bound_above_test_loss={k: sum(r["bound_vs_c"]["above_test"][k] for r in rows)
+                               for k in keys},
+        c_star_range=[min(r["bound_vs_c"]["c_star"] for r in rows),
+                      max(r["bound_vs_c"]["c_star"] for r in rows)],
+        models=len(rows),
+        log10_classical_range=[min(r["log10_classical"] for r in rows),
+                               max(r["log10_classical"] for r in rows)],
+        paper_classical="~3e74 (log10 ~74.5)",
+    )  # fmt: skip
+
+
+def restat(out: Path, seed: int, dest: Path) -> dict:
+    """Recompute the statistics of ``out/metrics.json``'s rows into ``dest/stats.json``."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = metrics["rows"]
+    stats = dict(source=str(out / "metrics.json"), seed=seed, commit=hexp.git_commit(),
+                 command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                 summary=summarize(rows, seed),
+                 per_model=[dict(name=r["name"], n=r["n"], gap=r["gap"], measure=r["measure"],
+                                 test_loss=r["test_loss"], **r["bound_vs_c"])
+                            for r in rows])  # fmt: skip
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "stats.json").write_text(json.dumps(stats, indent=2))
+    print(json.dumps(stats["summary"], indent=2))
+    return stats
 
 
 def table(rows: list[dict]) -> str:
@@ -165,6 +246,8 @@ def main(argv=None) -> dict:
     from hessjax.experiment import RunConfig, finetune, measure_run
 
     args = parse_args(argv)
+    if args.restat:
+        return restat(args.out, args.seed, args.restat_out or args.out)
     if args.compilation_cache:
         hexp.use_compilation_cache(args.compilation_cache)
     c = PRESETS[args.preset]
@@ -220,22 +303,10 @@ def main(argv=None) -> dict:
             ratio=m["canonical"]["measure"] / gap if gap > 0 else None,
             bound=m["canonical"]["bound"], corollary=m["corollary"]["bound"],
             log10_classical=m["classical"]["log10_term"], steps=res["steps"],
+            train_max_loss=m["loss_bound_C"], num_examples=m["num_examples"],
+            num_iters=m["num_iters"], num_layers=m["num_layers"],
         ))  # fmt: skip
-    gaps = [r["gap"] for r in rows]
-    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
-    top = max((r for r in rows if r["radius"] is not None), key=lambda r: r["radius"])
-    summary = dict(
-        canonical=correlations([r["measure"] for r in rows], gaps),
-        reference=correlations([r["measure_ref"] for r in rows], gaps),
-        ratio_median=float(np.median(ratios)) if ratios else None,
-        ratio_range=[float(min(ratios)), float(max(ratios))] if ratios else None,
-        largest_radius=dict(radius=top["radius"], n=top["n"], measure=top["measure"],
-                            gap=top["gap"], paper="measure ~1.2 vs gap ~0.78 at radius 1.0"),
-        log10_classical_range=[min(r["log10_classical"] for r in rows),
-                               max(r["log10_classical"] for r in rows)],
-        paper_classical="~3e74 (log10 ~74.5)",
-        wall_seconds=time.perf_counter() - t_start,
-    )  # fmt: skip
+    summary = summarize(rows, args.seed) | dict(wall_seconds=time.perf_counter() - t_start)
     text = table(rows)
     (out / "table.md").write_text(text + "\n")
     metrics = dict(rows=rows, summary=summary)

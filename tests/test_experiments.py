@@ -44,6 +44,16 @@ def test_measure_vs_gap_smoke(tmp_path):
             v = s[variant][k]
             assert v is None or -1 - 1e-9 <= v <= 1 + 1e-9
     assert (tmp_path / "measure_vs_gap.png").exists() and (tmp_path / "radius.png").exists()
+    # --restat: the statistics again from metrics.json (bootstrap intervals, the bound vs C)
+    stats = mod.main(["--restat", "--out", str(tmp_path), "--restat-out", str(tmp_path / "st")])
+    assert (tmp_path / "st" / "stats.json").exists()
+    k = stats["summary"]["canonical"]
+    if k["kendall"] is not None:
+        assert k["ci95"]["kendall"][0] <= k["kendall"] <= k["ci95"]["kendall"][1]
+    for m in stats["per_model"]:  # the bound lies above the test loss exactly when C >= C*
+        for c, above in m["above_test"].items():
+            if c != "max_train_loss":
+                assert above == (float(c) >= m["c_star"] - 1e-9)
 
 
 def test_noisy_labels_smoke(tmp_path):
