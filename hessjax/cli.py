@@ -192,6 +192,9 @@ def _command(sub, name: str, text: str, func, *groups) -> argparse.ArgumentParse
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true",
                    help="on an error, show the traceback instead of one line")  # fmt: skip
+    p.add_argument("--no-compilation-cache", action="store_true",
+                   help="do not keep compiled programs in $HESSJAX_COMPILATION_CACHE "
+                        "(default ~/.cache/hessjax/jax)")  # fmt: skip
     p.set_defaults(func=func)
     return p
 
@@ -226,6 +229,7 @@ def _cmd_finetune(args) -> int:
     progress = not cfg.pop("no_progress")
     cfg.pop("distributed", None)
     cfg.pop("debug", None)
+    cfg.pop("no_compilation_cache", None)
     if cfg["method"] == "plain_es":
         cfg["early_stopping"] = True
     res = finetune(RunConfig.from_dict(cfg), progress=progress)
@@ -294,6 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hessjax.sharding import initialize_distributed
 
         initialize_distributed()
+    if not getattr(args, "no_compilation_cache", True):
+        from hessjax.experiment.env import use_compilation_cache
+
+        use_compilation_cache()
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError) as e:
