@@ -99,6 +99,7 @@ def hessian_distance(
     map_fn: MapFn | None = None,
     screening: bool = False,
     screen_chunk_size: int | None = 16,
+    psd_blocks: bool = False,
 ) -> HessianDistance:
     """The paper's Hessian distance measure ``sum_i sqrt(calH_i / n)``, per layer.
 
@@ -154,6 +155,21 @@ def hessian_distance(
     ``sqrt(dim / rank)`` for an isotropic ``v``), and the unrolled program took 8.5 minutes
     to compile, so screening was not faster there; it pays off when a few examples dominate.
 
+    PSD blocks (``psd_blocks=True``, implies screening): for a network that is piecewise
+    linear in each layer's weights (ReLU / ReLU6 / leaky ReLU, max or average pooling,
+    residual sums, BatchNorm in eval mode, linear heads: MobileNetV2, ResNets, the
+    :class:`~hessjax.models.TinyCNN`) under a loss convex in the logits (cross-entropy), each
+    example's layer block is exactly its Gauss-Newton part ``J_i^T A J_i`` (the second
+    derivative of the logits with respect to one layer's weights vanishes between the kinks),
+    hence positive semi-definite: ``H_i^+ = H_i`` and every Ritz value is ``>= 0``, so the
+    ``num_iters``-step quadrature equals ``v_i^T H_i v_i`` for every ``num_iters``. The screen's
+    lower bracket is then the value itself: the brackets are closed (upper = lower) and Lanczos
+    runs only on each layer's maximiser, as a check: if its quadrature exceeds
+    ``v_i^T H_i v_i`` by more than the rounding slack, the block is not PSD and a ValueError
+    names the layer (use ``psd_blocks=False``; smooth activations such as tanh, GELU, softmax
+    attention or LayerNorm make the blocks indefinite). Cost: the screen (``L`` batched
+    products per example) plus one brute-force example per layer.
+
     Sharded (``map_fn=hessjax.sharding.mesh_map(mesh)``): the examples (canonical) or batches
     (reference) are split over the mesh's data axis (:func:`hessjax.sharding.sharded_map`:
     padded to a multiple of the device count ``D``, the padding dropped before any
@@ -192,6 +208,9 @@ def hessian_distance(
         example (False, default, the brute-force reference). Same result either way.
       screen_chunk_size: keyword-only, examples vmapped at once in the screen (``None``:
         all); memory grows with it.
+      psd_blocks: keyword-only (canonical variant): the layer blocks are positive
+        semi-definite (see "PSD blocks" above); the value is ``v_i^T H_i v_i``, checked at
+        each layer's maximiser against Lanczos.
 
     Returns:
       A :class:`HessianDistance` (``.measure``, ``.per_layer``, ``.argmax``, ...).
@@ -229,8 +248,11 @@ def hessian_distance(
         check_static_int(layer_chunk_size, "layer_chunk_size")
     if screen_chunk_size is not None:
         check_static_int(screen_chunk_size, "screen_chunk_size")
-    if not isinstance(screening, bool | np.bool_):
-        raise TypeError(f"screening must be a bool, got {type(screening).__name__}")
+    for flag, value in (("screening", screening), ("psd_blocks", psd_blocks)):
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
+    if psd_blocks and variant != "canonical":
+        raise ValueError(f"psd_blocks: only the canonical variant has PSD blocks, got {variant!r}")
     map_fn = check_map_fn(map_fn)
     params, v = place(map_fn, (params, v))
     refined = num_refined = None
@@ -242,10 +264,13 @@ def hessian_distance(
             layer_chunk_size=layer_chunk_size,
             map_fn=map_fn,
         )
-        if screening:
-            per_layer, argmax, losses, refined, num_refined = _screened(
-                loss_fn, params, v, examples, part, screen_chunk_size=screen_chunk_size, **kwargs
-            )
+        if screening or psd_blocks:
+            per_layer, argmax, losses, refined, num_refined, gap = _screened(
+                loss_fn, params, v, examples, part, screen_chunk_size=screen_chunk_size,
+                psd_blocks=bool(psd_blocks), **kwargs
+            )  # fmt: skip
+            if psd_blocks:
+                check_psd_gap(gap, part.names)
         else:
             per_layer, argmax, losses = _canonical(loss_fn, params, v, examples, part, **kwargs)
         check_finite_losses(losses, "examples")
@@ -324,6 +349,7 @@ def _canonical(
         "chunk_size",
         "layer_chunk_size",
         "screen_chunk_size",
+        "psd_blocks",
         "map_fn",
     ),
 )
@@ -339,6 +365,7 @@ def _screened(
     chunk_size,
     layer_chunk_size,
     screen_chunk_size,
+    psd_blocks=False,
     map_fn=None,
 ):
     v = partition.restrict(v)
@@ -347,9 +374,13 @@ def _screened(
     )
     v_sq = partition.sq_norms(v)
     lower, upper = screening.brackets(forms, v_sq, truncate=truncate)
+    no_gap = jnp.zeros((partition.num_layers,), lower.dtype)
     if not truncate:  # the value is max(v^T H v, 0) = lower itself: nothing to refine
         zeros = jnp.zeros((partition.num_layers,), jnp.int32)
-        return jnp.max(lower, axis=0), jnp.argmax(lower, axis=0), forms.losses, zeros, zeros[0]
+        best, arg = jnp.max(lower, axis=0), jnp.argmax(lower, axis=0)
+        return best, arg, forms.losses, zeros, zeros[0], no_gap
+    if psd_blocks:  # Q = v^T H v exactly: close the brackets, Lanczos checks the maximisers
+        upper = lower
     m = lower.shape[0]
     per_layer, argmax, refined, num_refined = screening.refine_layers(
         loss_fn,
@@ -364,7 +395,35 @@ def _screened(
         rtol=screening.default_rtol(lower.dtype),
         map_fn=map_fn,
     )
-    return per_layer, argmax, forms.losses, refined, num_refined
+    gap = no_gap
+    if psd_blocks:  # quadrature at the maximiser minus its v^T H v, relative, with slack
+        at_max = jnp.take_along_axis(lower, argmax[None, :], axis=0)[0]
+        slack = jnp.sqrt(jnp.finfo(lower.dtype).eps) * jnp.max(upper_raw(forms, v_sq), axis=0)
+        gap = (per_layer - at_max - slack) / jnp.maximum(per_layer, jnp.finfo(lower.dtype).tiny)
+    return per_layer, argmax, forms.losses, refined, num_refined, gap
+
+
+def upper_raw(forms, v_sq):
+    """``||v_i|| ||H_i v_i||`` per example and layer (the upper bracket before closing)."""
+    return jnp.sqrt(v_sq)[None, :] * jnp.sqrt(jnp.maximum(forms.hv_sq_norms, 0.0))
+
+
+def check_psd_gap(gap: jax.Array, names) -> None:
+    """Raises if a layer's maximiser has a quadrature above ``v^T H v`` (a block not PSD)."""
+    try:
+        gap = np.asarray(gap)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return  # under jit: the check needs concrete values
+    rtol = screening.default_rtol(gap.dtype)
+    bad = [(names[i], float(g)) for i, g in enumerate(gap) if g > rtol]
+    if bad:
+        raise ValueError(
+            "psd_blocks: the layer block is not positive semi-definite at its maximiser for "
+            + ", ".join(f"{name!r} (quadrature exceeds v^T H v by {100 * g:.3g}%)"
+                        for name, g in bad[:5])
+            + "; the network is not piecewise linear in these layers' weights: use "
+            "psd_blocks=False"
+        )  # fmt: skip
 
 
 _map_rows = screening.map_rows

@@ -263,3 +263,67 @@ def test_mobilenet_later_blocks_equal_brute_force():
         )
         np.testing.assert_allclose(a.per_layer, b.per_layer, rtol=2e-4)
         np.testing.assert_array_equal(a.argmax, b.argmax)
+
+
+# ------------------------------------------------------------------ PSD blocks (psd_blocks)
+class TestPsdBlocks(chex.TestCase):
+    """Networks piecewise linear in each layer's weights: every example's layer block is its
+    Gauss-Newton part, PSD, so the quadrature is v^T H v and ``psd_blocks`` gives brute force's
+    result; a smooth network is caught at its maximisers."""
+
+    def test_relu_blocks_are_psd_dense(self):
+        # the property itself, on dense per-example blocks (numpy eigvalsh)
+        with jax.enable_x64(True):
+            for name in ("dict_mlp", "nnx_cnn"):
+                loss, params, _, examples = _problem(name, "relu")
+                part = hessjax.layer_partition(params)
+                ids = _models.layer_ids(part, params)
+                for j in (0, 5, 9):
+                    ex = jax.tree_util.tree_map(lambda x, j=j: x[j], examples)
+                    h = np.asarray(_models.dense_hessian(loss, params, ex))
+                    for i in range(part.num_layers):
+                        block = h[np.ix_(ids == i, ids == i)]
+                        lam = np.linalg.eigvalsh(block)
+                        assert lam.min() >= -1e-10 * max(1.0, lam.max()), (name, j, i, lam.min())
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_equals_brute_force_float64(self):
+        with jax.enable_x64(True):
+            for name in ("dict_mlp", "nnx_cnn"):
+                for seed, num_iters in ((0, 3), (1, 6)):
+                    loss, params, anchor, examples = _problem(name, "relu", seed=seed)
+                    fn = self.variant(
+                        lambda p, a, ex, loss=loss, k=num_iters: measures.hessian_distance(
+                            loss, p, a, ex, n=11, num_iters=k, screen_chunk_size=4,
+                            psd_blocks=True,
+                        )
+                    )  # fmt: skip
+                    got = fn(params, anchor, examples)
+                    want = measures.hessian_distance(loss, params, anchor, examples, n=11,
+                                                     num_iters=num_iters)  # fmt: skip
+                    np.testing.assert_allclose(got.per_layer, want.per_layer, rtol=1e-6)
+                    np.testing.assert_array_equal(got.argmax, want.argmax)
+                    assert np.all(np.asarray(got.refined) <= 4)  # one refinement round only
+
+    def test_equals_brute_force_float32(self):
+        loss, params, anchor, examples = _problem("nnx_cnn", "relu", dtype=jnp.float32)
+        got = measures.hessian_distance(loss, params, anchor, examples, n=11, num_iters=4,
+                                        psd_blocks=True, screen_chunk_size=5)  # fmt: skip
+        want = measures.hessian_distance(loss, params, anchor, examples, n=11, num_iters=4)
+        np.testing.assert_allclose(got.per_layer, want.per_layer, rtol=2e-4)
+        np.testing.assert_array_equal(got.argmax, want.argmax)
+
+    def test_smooth_network_is_refused(self):
+        with jax.enable_x64(True):
+            loss, params, anchor, examples = _problem("dict_mlp", "tanh")
+            with pytest.raises(ValueError, match="psd_blocks.*not positive semi-definite"):
+                measures.hessian_distance(loss, params, anchor, examples, n=11, num_iters=6,
+                                          psd_blocks=True)  # fmt: skip
+
+    def test_bad_arguments(self):
+        loss, params, anchor, examples = _problem("dict_mlp", "relu", dtype=jnp.float32)
+        with pytest.raises(TypeError, match="psd_blocks"):
+            measures.hessian_distance(loss, params, anchor, examples, n=11, psd_blocks=1)
+        with pytest.raises(ValueError, match="psd_blocks"):
+            measures.hessian_distance(loss, params, anchor, examples, n=11, psd_blocks=True,
+                                      variant="reference")  # fmt: skip
