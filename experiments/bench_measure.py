@@ -11,11 +11,20 @@ MobileNetV2 (new 10-class head) at 32x32 inputs, the measure over 256 examples o
 blocks (``features.14-18`` and the head, as ``hessjax measure`` does by default), with an anchor
 displaced by small random noise (the cost does not depend on the displacement).
 
+With ``--run DIR`` the model, weights, anchor and training examples come from a finished
+``hessjax finetune`` run (e.g. the demo's plainly fine-tuned MobileNetV2, every layer displaced
+from ImageNet), measured over every kernel (``--layers`` to choose). ``--psd-blocks`` times
+``hessian_distance(psd_blocks=True)`` (exact for networks piecewise linear in each layer's
+weights, such as MobileNetV2) in place of plain screening.
+
 Usage::
 
     .venv/bin/python experiments/bench_measure.py [--out experiments/results/bench_measure.json]
     .venv/bin/python experiments/bench_measure.py --model mobilenet_v2 \
         --out experiments/results/bench_measure_mobilenet.json
+    .venv/bin/python experiments/bench_measure.py --run runs/demo/plain --compare-screening \
+        --psd-blocks --num-iters 8 16 --brute-subset 4 \
+        --out experiments/results/bench_measure_psd_mobilenet.json
 """
 
 from __future__ import annotations
@@ -129,7 +138,22 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--brute-subset", type=int, default=8)
     parser.add_argument("--all-layers", action="store_true", help="mobilenet: every layer")
+    parser.add_argument("--run", default=None, help="a hessjax finetune run to measure")
+    parser.add_argument("--layers", default=".*kernel", help="with --run: measured kernels")
+    parser.add_argument(
+        "--psd-blocks", action="store_true", help="time psd_blocks=True, not screening"
+    )
     args = parser.parse_args(argv)
+    if args.run is not None:
+        from hessjax.experiment import load_run
+
+        r = load_run(args.run, layers=args.layers)
+        m = min(args.num_examples, len(r.splits.train_labels))
+        args.num_examples, args.model = m, f"run {args.run} ({r.cfg['model']})"
+        args.image_size = r.cfg.get("image_size")
+        examples = (jnp.asarray(r.splits.train_images[:m]), jnp.asarray(r.splits.train_labels[:m]))
+        return _compare_screening(args, argv, r.example_loss, r.params, r.anchor, examples,
+                                  r.partition)  # fmt: skip
 
     key = jax.random.key(args.seed)
     k_params, k_anchor, k_x, k_y = jax.random.split(key, 4)
@@ -228,11 +252,10 @@ def _compare_screening(args, argv, loss, params, anchor, examples, part) -> dict
     rows = []
     for num_iters in args.num_iters or [8, 16]:
         kw = dict(n=1000, partition=part, num_iters=num_iters)
+        fast = dict(psd_blocks=True) if args.psd_blocks else dict(screening=True)
         load = os.getloadavg()
         t0 = time.perf_counter()
-        screened = hessjax.measures.hessian_distance(
-            loss, params, anchor, examples, screening=True, **kw
-        )
+        screened = hessjax.measures.hessian_distance(loss, params, anchor, examples, **fast, **kw)
         jax.block_until_ready(screened.per_layer)
         t_screened = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -240,9 +263,7 @@ def _compare_screening(args, argv, loss, params, anchor, examples, part) -> dict
         jax.block_until_ready(brute.per_layer)
         t_brute = time.perf_counter() - t0
         t0 = time.perf_counter()
-        screened_sub = hessjax.measures.hessian_distance(
-            loss, params, anchor, subset, screening=True, **kw
-        )
+        screened_sub = hessjax.measures.hessian_distance(loss, params, anchor, subset, **fast, **kw)
         jax.block_until_ready(screened_sub.per_layer)
         rows.append(
             {
@@ -270,7 +291,8 @@ def _compare_screening(args, argv, loss, params, anchor, examples, part) -> dict
         )
         print(json.dumps(rows[-1]), flush=True)
     result = {
-        "benchmark": f"hessian_distance screening vs brute force on {args.model}",
+        "benchmark": f"hessian_distance {'psd_blocks' if args.psd_blocks else 'screening'} "
+        f"vs brute force on {args.model}",
         "note": "brute force timed on the first brute_force_subset examples and extrapolated "
         "linearly to num_examples (compile time included in both, so the extrapolation "
         "over-counts brute-force compile)",
