@@ -216,6 +216,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("run", help="a `hessjax finetune` output directory")
     for options, defaults in ((_MEASURE_OPTIONS, _MEASURE_DEFAULTS), (_COMMON_OPTIONS, {})):
         _add(m, options, defaults)
+    m.add_argument("--psd-blocks", action=argparse.BooleanOptionalAction, default=None,
+                   help="exact fast path for networks piecewise linear in each layer "
+                   "(default: the model's; MobileNetV2 and the tiny CNN yes)")  # fmt: skip
     _command(sub, "demo", "plain vs robust fine-tuning of MobileNetV2 on noisy Fashion-MNIST; "
              "table, plot and JSON", _cmd_demo, (_DATA_OPTIONS, demo_cfg),
              (_DEMO_OPTIONS, demo_cfg))  # fmt: skip
@@ -258,11 +261,14 @@ def _cmd_measure(args) -> int:
     path = _output_file(Path(args.output) if args.output else Path(args.run) / "measure.json")
     out = measure_run(args.run, num_examples=args.examples, num_iters=args.num_iters,
                       chunk_size=args.chunk_size, layers=args.layers, variant=args.variant,
-                      checkpoint=args.checkpoint, seed=args.seed,
-                      devices=args.devices)  # fmt: skip
+                      checkpoint=args.checkpoint, seed=args.seed, devices=args.devices,
+                      psd_blocks=args.psd_blocks)  # fmt: skip
     for v in ("canonical", "reference"):
         if v in out:
-            print(f"[{v}] layers: {out['layers']}; max over {out['num_examples']} examples")
+            psd = " (PSD blocks: v^T H v, checked)" if out["psd_blocks"] else ""
+            print(f"[{v}] layers: {out['layers']}; max over {out['num_examples']} of "
+                  f"{out['n']} training examples, {out['num_iters']} Lanczos steps"
+                  f"{psd if v == 'canonical' else ''}")  # fmt: skip
             print(out[v]["table"])
             print(f"bound (Theorem 2.1, no xi): {out[v]['bound']:.6g}  "
                   f"train loss {out['train_loss']:.4g}, test loss {out['test_loss']:.4g}, "

@@ -104,6 +104,7 @@ def test_measure_run_equals_measure_of_the_runs_closure(tmp_path):
               "--output-dir", str(out)])  # fmt: skip
         runs.append(out)
     got = measure_run(runs[1], num_examples=4, num_iters=3, variant="both", seed=2)
+    assert got["psd_blocks"]  # the tiny CNN is piecewise linear: the fast exact path
     r, r0 = load_run(runs[1]), load_run(runs[0])
     assert r.state_loss is r0.state_loss
     idx = np.random.default_rng(2).permutation(len(r.splits.train_labels))[:4]

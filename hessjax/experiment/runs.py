@@ -292,15 +292,6 @@ def _run_finetune(out: Path, cfg: dict, *, progress: bool, splits, cache) -> dic
     return res
 
 
-def _mobilenet_layers(name: str) -> bool:
-    parts = name.split("/")
-    if parts[-1] != "kernel":
-        return False
-    if parts[0] == "classifier":
-        return True
-    return parts[0] == "features" and int(parts[1]) >= 14
-
-
 class Run(NamedTuple):
     """A loaded ``hessjax finetune`` run (see :func:`load_run`).
 
@@ -366,6 +357,7 @@ def load_run(
     """
     import jax.numpy as jnp
 
+    from hessjax.models import model_spec
     from hessjax.partition import layer_partition
     from hessjax.train import Checkpointer, split_model
 
@@ -398,9 +390,10 @@ def load_run(
         return state_loss({"params": p, "rest": rest}, ex)
 
     params = state["params"]
-    later = cfg["model"] == "mobilenet_v2" and not first_block(cfg)
+    spec = model_spec(cfg["model"])
+    later = spec.later is not None and not first_block(cfg)
     if layers is None:
-        select = _mobilenet_layers if later else (lambda n: "kernel" in n)
+        select = spec.later if later else (lambda n: "kernel" in n)
         layer_desc = "features.14-18 and the head (later blocks only)" if later else "all kernels"
         if first_block(cfg):
             layer_desc = f"all fine-tuned kernels (features.{first_block(cfg)}-18 and the head)"
@@ -426,6 +419,7 @@ def measure_run(
     seed: int = 0,
     devices: int | str | None = None,
     trace_probes: int = 0,
+    psd_blocks: bool | None = None,
 ) -> dict[str, Any]:
     """The Hessian distance report and the theorem's bound of a ``hessjax finetune`` run.
 
@@ -435,7 +429,9 @@ def measure_run(
     :func:`hessjax.hessian_bound` with C = the largest training loss.
 
     Cost: per example ``L * num_iters`` Hessian-vector products (``L`` measured layers), plus
-    ``trace_probes * num_iters * L`` for the traces.
+    ``trace_probes * num_iters * L`` for the traces; with ``psd_blocks`` (the default for
+    networks piecewise linear in each layer's weights: MobileNetV2, the tiny CNN) ``L`` batched
+    products per example plus one brute-force example per layer, the same values.
 
     Args:
       run_dir: a ``hessjax finetune`` output directory.
@@ -454,6 +450,9 @@ def measure_run(
         ``max_trace``) and the Corollary's bound (:func:`hessjax.corollary_bound`) with the
         radii ``alpha_i = ||W_i - W_i^(s)||_F`` (the distances themselves, the tightest
         radii the weights satisfy), under ``"corollary"``.
+      psd_blocks: the canonical measure by :func:`hessjax.hessian_distance` ``psd_blocks=True``
+        (exact for piecewise-linear networks, checked at the maximisers); None: the model's
+        :class:`~hessjax.models.ModelSpec` ``psd_blocks``.
 
     Returns:
       A dict with the report(s), the bound, train/test loss and the timing.
@@ -475,6 +474,10 @@ def measure_run(
     _check_measure_options(num_examples, num_iters, chunk_size, seed, trace_probes)
     r = load_run(run_dir, checkpoint=checkpoint, layers=layers)
     splits, model, params, part = r.splits, r.model, r.params, r.partition
+    if psd_blocks is None:
+        from hessjax.models import model_spec
+
+        psd_blocks = model_spec(r.cfg["model"]).psd_blocks
     n = len(splits.train_labels)
     m = n if num_examples is None else min(num_examples, n)
     idx = np.random.default_rng(seed).permutation(n)[:m]
@@ -490,6 +493,7 @@ def measure_run(
         "num_layers": part.num_layers,
         "num_examples": m,
         "num_iters": num_iters,
+        "psd_blocks": bool(psd_blocks),
         "n": n,
         "train_loss": tr["loss"],
         "test_loss": te["loss"],
@@ -538,7 +542,8 @@ def measure_run(
         t0 = time.perf_counter()
         hd = hessian_distance(r.state_loss, full, full_anchor, examples, n=n,
                               partition=full_part, num_iters=num_iters, chunk_size=chunk_size,
-                              variant=v, map_fn=mesh_map(mesh))  # fmt: skip
+                              variant=v, map_fn=mesh_map(mesh),
+                              psd_blocks=bool(psd_blocks) and v == "canonical")  # fmt: skip
         rep = report(hd, traces)
         seconds = time.perf_counter() - t0
         bound = hessian_bound(tr["loss"], rep.measure, n, loss_bound=c)

@@ -48,6 +48,10 @@ class ModelSpec:
       later: ``path_name -> bool``, the cheaper subset of later layers (``--later-only``), or
         None where the architecture has none.
       splittable: whether ``first_block`` (partial fine-tuning on a frozen trunk) applies.
+      psd_blocks: whether the network is piecewise linear in each layer's weights (ReLU-family
+        activations, pooling, BatchNorm in eval mode, linear head), so that every example's
+        layer block of the cross-entropy Hessian is PSD and the measure can use
+        :func:`hessjax.hessian_distance` ``psd_blocks=True``.
     """
 
     name: str
@@ -57,6 +61,7 @@ class ModelSpec:
     measured: Callable[[str], bool] = _kernel
     later: Callable[[str], bool] | None = None
     splittable: bool = False
+    psd_blocks: bool = False
 
 
 # Radii of the other architectures: the MobileNetV2 values, likewise chosen a priori (not
@@ -66,9 +71,9 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec("mobilenet_v2", "torchvision's ImageNet MobileNetV2, zero 1280->k head",
                   mobilenet_v2_stage_depth, MOBILENET_V2_RADII,
-                  later=mobilenet_v2_later_layer, splittable=True),
+                  later=mobilenet_v2_later_layer, splittable=True, psd_blocks=True),
         ModelSpec("tiny_cnn", "a two-conv CNN for tests and smoke runs (random init)",
-                  tiny_cnn_depth, MOBILENET_V2_RADII),
+                  tiny_cnn_depth, MOBILENET_V2_RADII, psd_blocks=True),
         ModelSpec("minilm", "all-MiniLM-L6-v2 (6-layer BERT), mean pooling, zero head",
                   bert_layer_depth, MOBILENET_V2_RADII, measured=bert_measured_layer),
         ModelSpec("minilm_random", "the MiniLM architecture, randomly initialised",
