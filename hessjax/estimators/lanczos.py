@@ -19,6 +19,7 @@ from hessjax.estimators._base import (
     PyTree,
     check_int,
     combine_basis,
+    compiled_matvec,
     draw_probes,
     host_loops,
     probe_layout,
@@ -77,14 +78,14 @@ def _lanczos_init(v0: PyTree, num_iters: int, part: Partition) -> tuple:
     )
 
 
-def _lanczos_step(matvec: Matvec, part: Partition, num_iters: int, dtype) -> Any:
+def _lanczos_update(part: Partition, num_iters: int, dtype) -> Any:
+    """Step ``j`` of the recurrence given ``w = H q_j``: everything but the product."""
     tol = _BREAKDOWN_RTOL * math.sqrt(num_iters) * float(jnp.finfo(dtype).eps)
     dots = jax.vmap(part.dot, in_axes=(0, None))
 
-    def body(j, state):
+    def update(j, state, w):
         basis, alphas, betas, active, num_valid, scale = state
         q = jax.tree_util.tree_map(lambda x: x[j], basis)
-        w = matvec(q)
         alpha = part.dot(q, w)
         scale = jnp.maximum(scale, jnp.sqrt(part.sq_norms(w)))
         for _ in range(2):  # full reorthogonalisation: classical Gram-Schmidt, twice
@@ -97,7 +98,7 @@ def _lanczos_step(matvec: Matvec, part: Partition, num_iters: int, dtype) -> Any
         basis = jax.tree_util.tree_map(lambda x, y: x.at[j + 1].set(y, mode="drop"), basis, q_next)
         return basis, alphas, betas, ok, num_valid + active.astype(jnp.int32), scale
 
-    return body
+    return update
 
 
 def _lanczos_result(state: tuple) -> LanczosResult:
@@ -105,25 +106,49 @@ def _lanczos_result(state: tuple) -> LanczosResult:
     return LanczosResult(alphas.T, betas.T, basis, num_valid)
 
 
+def _row(basis: PyTree, j: jax.Array) -> PyTree:
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, j, keepdims=False), basis
+    )
+
+
+def _lanczos_host(matvec: Matvec, v0: PyTree, num_iters: int, part: Partition, update) -> Any:
+    """The steps from Python: per step ``q_j`` (small program), ``H q_j`` (the shared product
+    program, :func:`compiled_matvec`), the update (small program, state donated)."""
+    init = compile_once(lambda v: _lanczos_init(v, num_iters, part), v0)
+    product = compiled_matvec(matvec, v0)
+    if init is None or product is None:
+        return None
+    state = init(v0)
+    first = np.int32(0)
+    row = compile_once(_row, state[0], first)
+    w = product(row(state[0], first))
+    step = compile_once(update, first, state, w, donate_argnums=(1,))
+    state = step(first, state, w)
+    for j in range(1, num_iters):
+        j = np.int32(j)
+        state = step(j, state, product(row(state[0], j)))
+    return _lanczos_result(state)
+
+
 def lanczos_run(
     matvec: Matvec, v0: PyTree, num_iters: int, part: Partition, *, host: bool = False
 ) -> LanczosResult:
     """Lanczos on the layers of ``part`` at once; scalars with a leading ``(L,)`` axis.
 
-    ``host=True`` (and nothing traced) runs the steps from Python, each one call of a program
-    compiled once (:func:`hessjax.mapping.compile_once`, the state donated): on CPU the
-    product is several times slower as the body of ``lax.fori_loop``. Same numbers either way.
+    ``host=True`` (and nothing traced) runs the steps from Python (:func:`_lanczos_host`): on
+    CPU the product is several times slower as the body of ``lax.fori_loop``, and the product
+    program is shared with every other estimator. Same numbers either way.
     """
-    body = _lanczos_step(matvec, part, num_iters, tree_dtype(v0))
+    update = _lanczos_update(part, num_iters, tree_dtype(v0))
     if host:
-        init = compile_once(lambda v: _lanczos_init(v, num_iters, part), v0)
-        if init is not None:
-            state = init(v0)
-            step = compile_once(body, np.int32(0), state, donate_argnums=(1,))
-            if step is not None:
-                for j in range(num_iters):
-                    state = step(np.int32(j), state)
-                return _lanczos_result(state)
+        res = _lanczos_host(matvec, v0, num_iters, part, update)
+        if res is not None:
+            return res
+
+    def body(j, state):
+        return update(j, state, matvec(jax.tree_util.tree_map(lambda x: x[j], state[0])))
+
     state = _lanczos_init(v0, num_iters, part)
     return _lanczos_result(jax.lax.fori_loop(0, num_iters, body, state))
 

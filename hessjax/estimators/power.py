@@ -15,6 +15,7 @@ from hessjax.estimators._base import (
     Matvec,
     PyTree,
     check_int,
+    compiled_matvec,
     draw_probes,
     host_loops,
     probe_layout,
@@ -98,13 +99,19 @@ def power_iteration(
             v = jax.tree_util.tree_map(lambda x, y: x - c * y, v, u)
         return normalise(v)
 
-    def body(state):
-        it, v, value, _, found, num_found = state
-        v = orth(found, num_found, v)
-        hv = matvec(v)
+    def before(state):  # the vector to multiply
+        _, v, _, _, found, num_found = state
+        return orth(found, num_found, v)
+
+    def after(state, v, hv):
+        it, _, value, _, found, num_found = state
         new = dot(hv, v)
         done = (it > 0) & (jnp.abs(value - new) / (jnp.abs(value) + 1e-6) < tol)
         return it + 1, normalise(hv), new, done, found, num_found
+
+    def body(state):
+        v = before(state)
+        return after(state, v, matvec(v))
 
     def start(starts, found, j):  # the initial state of eigenpair j
         v = jax.tree_util.tree_map(
@@ -120,11 +127,15 @@ def power_iteration(
 
     starts = draw_probes(key, like, part, k, "normal")
     found = jax.tree_util.tree_map(jnp.zeros_like, starts)
-    host = host_loops(map_fn, key)
     step = None
-    if host:
+    if host_loops(map_fn, key):  # three calls per step, the product shared (compiled_matvec)
         state0 = run_compiled(start, starts, found, np.int32(0))
-        step = compile_once(body, state0)
+        pre = compile_once(before, state0)
+        v0 = pre(state0)
+        product = compiled_matvec(matvec, v0)
+        if pre is not None and product is not None:
+            post = compile_once(after, state0, v0, jax.eval_shape(matvec, v0))
+            step = lambda st: (lambda v: post(st, v, product(v)))(pre(st))
     values, count = [], 0
     for j in range(k):
         state = run_compiled(start, starts, found, np.int32(j))

@@ -20,6 +20,8 @@ from hessjax.estimators._base import (
     check_chunk,
     check_int,
     draw_probes,
+    host_loops,
+    host_rows,
     map_probes,
     probe_layout,
     probe_stats,
@@ -86,7 +88,9 @@ def hutchinson_trace(
     check_chunk(chunk_size)
     part, per_layer = probe_layout(like, partition, "like")
     probes = draw_probes(key, like, part, num_probes)
-    samples = map_probes(lambda z: part.dot(z, matvec(z)), probes, chunk_size, map_fn)  # (P, L)
+    samples = host_rows(matvec, probes, part.dot) if host_loops(map_fn, key) else None
+    if samples is None:
+        samples = map_probes(lambda z: part.dot(z, matvec(z)), probes, chunk_size, map_fn)
     return run_compiled(lambda x: squeeze_layers(probe_stats(x), per_layer), samples)
 
 
@@ -165,9 +169,16 @@ def hutchpp_trace(
     s = num_probes // 3
     g = num_probes - 2 * s
 
+    host = host_loops(map_fn, key)
+    ravel = lambda hv: ravel_pytree(hv)[0].astype(dtype)
+
     def apply(rows: jax.Array) -> jax.Array:  # (m, n) -> (m, n): H applied to every row
-        fn = lambda x: ravel_pytree(matvec(unravel(x)))[0].astype(dtype)
-        return map_probes(fn, rows, chunk_size, map_fn)
+        if host:
+            take = lambda rows, i: unravel(jax.lax.dynamic_index_in_dim(rows, i, keepdims=False))
+            out = host_rows(matvec, rows, lambda z, hz: ravel(hz), take)
+            if out is not None:
+                return out
+        return map_probes(lambda x: ravel(matvec(unravel(x))), rows, chunk_size, map_fn)
 
     def per_layer_sum(x: jax.Array) -> jax.Array:  # (n, ...) -> (L, ...)
         return jax.ops.segment_sum(x, seg, num_segments=num_layers + 1)[:num_layers]
