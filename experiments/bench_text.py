@@ -198,6 +198,7 @@ def main(argv=None):
         }
         if screening:
             row["num_refined"] = np.asarray(hd.num_refined).tolist()
+            row["refined_per_layer"] = np.asarray(hd.refined).tolist()
         result["measure"].append(row)
         print(json.dumps(row), flush=True)
         save()
