@@ -17,7 +17,9 @@ Amazon reviews tokenised to ``--max-length`` tokens:
   and the second (the run alone), whose time divided by the examples is the per-example
   cost.
 
-    nice -n 5 .venv/bin/python experiments/bench_text.py      # ~30 min on 2 CPU cores
+    nice -n 5 .venv/bin/python experiments/bench_text.py      # ~15 min on 2 CPU cores
+    .venv/bin/python experiments/bench_text.py --steps 3 --full brute:1 screening:1 brute:all
+        # the committed results/bench_text.json: 38 min at load average 7-14
     .venv/bin/python experiments/bench_text.py --skip-full --steps 3   # ~3 min
 
 Writes JSON (``--out``, default ``experiments/results/bench_text.json``).
