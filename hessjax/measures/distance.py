@@ -163,8 +163,9 @@ def hessian_distance(
     derivative of the logits with respect to one layer's weights vanishes between the kinks),
     hence positive semi-definite: ``H_i^+ = H_i`` and every Ritz value is ``>= 0``, so the
     ``num_iters``-step quadrature equals ``v_i^T H_i v_i`` for every ``num_iters``. The screen's
-    lower bracket is then the value itself: the brackets are closed (upper = lower) and Lanczos
-    runs only on each layer's maximiser, as a check: if its quadrature exceeds
+    lower bracket is then the value itself, and Lanczos runs only on each layer's maximiser
+    (one program for all layers: the layer is a 0/1 mask of the tangent), as a check done
+    outside ``jit`` (under ``jit`` the value is returned unchecked): if its quadrature exceeds
     ``v_i^T H_i v_i`` by more than the rounding slack, the block is not PSD and a ValueError
     names the layer (use ``psd_blocks=False``; smooth activations such as tanh, GELU, softmax
     attention or LayerNorm make the blocks indefinite). Cost: the screen (``L`` batched
@@ -264,13 +265,15 @@ def hessian_distance(
             layer_chunk_size=layer_chunk_size,
             map_fn=map_fn,
         )
-        if screening or psd_blocks:
-            per_layer, argmax, losses, refined, num_refined, gap = _screened(
-                loss_fn, params, v, examples, part, screen_chunk_size=screen_chunk_size,
-                psd_blocks=bool(psd_blocks), **kwargs
+        if psd_blocks:
+            per_layer, argmax, losses, refined, num_refined = _psd_path(
+                loss_fn, params, v, examples, part, num_iters=num_iters,
+                truncate=bool(truncate), screen_chunk_size=screen_chunk_size, map_fn=map_fn,
             )  # fmt: skip
-            if psd_blocks:
-                check_psd_gap(gap, part.names)
+        elif screening:
+            per_layer, argmax, losses, refined, num_refined = _screened(
+                loss_fn, params, v, examples, part, screen_chunk_size=screen_chunk_size, **kwargs
+            )
         else:
             per_layer, argmax, losses = _canonical(loss_fn, params, v, examples, part, **kwargs)
         check_finite_losses(losses, "examples")
@@ -349,7 +352,6 @@ def _canonical(
         "chunk_size",
         "layer_chunk_size",
         "screen_chunk_size",
-        "psd_blocks",
         "map_fn",
     ),
 )
@@ -365,7 +367,6 @@ def _screened(
     chunk_size,
     layer_chunk_size,
     screen_chunk_size,
-    psd_blocks=False,
     map_fn=None,
 ):
     v = partition.restrict(v)
@@ -374,13 +375,9 @@ def _screened(
     )
     v_sq = partition.sq_norms(v)
     lower, upper = screening.brackets(forms, v_sq, truncate=truncate)
-    no_gap = jnp.zeros((partition.num_layers,), lower.dtype)
     if not truncate:  # the value is max(v^T H v, 0) = lower itself: nothing to refine
         zeros = jnp.zeros((partition.num_layers,), jnp.int32)
-        best, arg = jnp.max(lower, axis=0), jnp.argmax(lower, axis=0)
-        return best, arg, forms.losses, zeros, zeros[0], no_gap
-    if psd_blocks:  # Q = v^T H v exactly: close the brackets, Lanczos checks the maximisers
-        upper = lower
+        return jnp.max(lower, axis=0), jnp.argmax(lower, axis=0), forms.losses, zeros, zeros[0]
     m = lower.shape[0]
     per_layer, argmax, refined, num_refined = screening.refine_layers(
         loss_fn,
@@ -395,27 +392,62 @@ def _screened(
         rtol=screening.default_rtol(lower.dtype),
         map_fn=map_fn,
     )
-    gap = no_gap
-    if psd_blocks:  # quadrature at the maximiser minus its v^T H v, relative, with slack
-        at_max = jnp.take_along_axis(lower, argmax[None, :], axis=0)[0]
-        slack = jnp.sqrt(jnp.finfo(lower.dtype).eps) * jnp.max(upper_raw(forms, v_sq), axis=0)
-        gap = (per_layer - at_max - slack) / jnp.maximum(per_layer, jnp.finfo(lower.dtype).tiny)
-    return per_layer, argmax, forms.losses, refined, num_refined, gap
+    return per_layer, argmax, forms.losses, refined, num_refined
 
 
-def upper_raw(forms, v_sq):
-    """``||v_i|| ||H_i v_i||`` per example and layer (the upper bracket before closing)."""
-    return jnp.sqrt(v_sq)[None, :] * jnp.sqrt(jnp.maximum(forms.hv_sq_norms, 0.0))
+@functools.partial(jax.jit, static_argnames=("loss_fn", "partition", "chunk_size", "map_fn"))
+def _block_forms(loss_fn, params, v, examples, partition, *, chunk_size, map_fn=None):
+    """``(v_i^T H_i v_i, ||H_i v_i||^2, loss)`` of every example and layer (one program)."""
+    return _map_rows(block_forms_fn(loss_fn, params, v, partition), examples, chunk_size, map_fn)
 
 
-def check_psd_gap(gap: jax.Array, names) -> None:
-    """Raises if a layer's maximiser has a quadrature above ``v^T H v`` (a block not PSD)."""
-    try:
-        gap = np.asarray(gap)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return  # under jit: the check needs concrete values
-    rtol = screening.default_rtol(gap.dtype)
-    bad = [(names[i], float(g)) for i, g in enumerate(gap) if g > rtol]
+@functools.partial(jax.jit, static_argnames=("loss_fn", "num_iters"))
+def _masked_quadrature(loss_fn, params, v, mask, example, *, num_iters):
+    """One example's ``num_iters``-step ``q^T H_i^+ q`` for the layer that ``mask`` (0/1, like
+    params) selects: Lanczos on ``w -> mask * H (mask * w)`` from ``mask * v``. Every layer
+    uses the same program (the mask is an input), so it compiles once for all layers."""
+    from hessjax.estimators import positive_quadratic_form
+    from hessjax.hessian import hvp_fn
+
+    matvec = hvp_fn(loss_fn, params, example)
+    masked = lambda w: jax.tree_util.tree_map(jnp.multiply, mask, matvec(
+        jax.tree_util.tree_map(jnp.multiply, mask, w)))  # fmt: skip
+    start = jax.tree_util.tree_map(jnp.multiply, mask, v)
+    return positive_quadratic_form(masked, start, num_iters=num_iters)
+
+
+def _psd_path(loss_fn, params, v, examples, partition, *, num_iters, truncate,
+              screen_chunk_size, map_fn):  # fmt: skip
+    """``psd_blocks=True``: the value is ``max(v_i^T H_i v_i, 0)``; checked at each layer's
+    maximiser by Lanczos (outside ``jit``), which must not exceed it beyond rounding."""
+    v = partition.restrict(v)
+    forms = _block_forms(loss_fn, params, v, examples, partition,
+                         chunk_size=screen_chunk_size, map_fn=map_fn)  # fmt: skip
+    lower = jnp.maximum(forms.vhv, 0.0)
+    argmax = jnp.argmax(lower, axis=0)
+    per_layer = jnp.max(lower, axis=0)
+    num_layers = partition.num_layers
+    refined = jnp.zeros((num_layers,), jnp.int32)
+    concrete = not any(isinstance(x, jax.core.Tracer)
+                       for x in jax.tree_util.tree_leaves((params, v, examples)))  # fmt: skip
+    if not (truncate and concrete):  # under jit: no host-side check (the value stands)
+        return per_layer, argmax, forms.losses, refined, jnp.asarray(0, jnp.int32)
+    k = min(num_iters, max(partition.sizes))
+    active = np.asarray(partition.sq_norms(v)) > 0
+    arg = np.asarray(argmax)
+    dtype = lower.dtype
+    rtol = screening.default_rtol(dtype)
+    upper = np.asarray(screening.brackets(forms, partition.sq_norms(v), truncate=True)[1])
+    values, bad = np.asarray(per_layer).copy(), []
+    ones = jax.tree_util.tree_map(jnp.ones_like, v)
+    for i in np.flatnonzero(active):
+        mask = partition.restrict(ones, int(i))
+        example = jax.tree_util.tree_map(lambda x, j=int(arg[i]): x[j], examples)
+        q = float(_masked_quadrature(loss_fn, params, v, mask, example, num_iters=k))
+        slack = float(np.sqrt(np.finfo(dtype).eps)) * float(upper[arg[i], i])
+        if q - values[i] - slack > rtol * max(q, float(np.finfo(dtype).tiny)):
+            bad.append((partition.names[i], (q - values[i]) / q))
+        values[i] = q
     if bad:
         raise ValueError(
             "psd_blocks: the layer block is not positive semi-definite at its maximiser for "
@@ -424,6 +456,9 @@ def check_psd_gap(gap: jax.Array, names) -> None:
             + "; the network is not piecewise linear in these layers' weights: use "
             "psd_blocks=False"
         )  # fmt: skip
+    refined = jnp.asarray(active.astype(np.int32))
+    num_refined = jnp.asarray(len({int(arg[i]) for i in np.flatnonzero(active)}), jnp.int32)
+    return jnp.asarray(values, dtype), argmax, forms.losses, refined, num_refined
 
 
 _map_rows = screening.map_rows
