@@ -123,9 +123,8 @@ def _cli_finetune_measure(tmp_path, *, last_block, resume):
     out = tmp_path / "run"
     args = ["finetune", "--dataset", "amazon_reviews:16", "--model", "minilm",
             "--n-per-class", "4", "--val-size", "8", "--test-size", "8", "--batch-size", "4",
-            "--epochs", "2" if resume else "1", "--noise-rate", "0.25", "--method", "robust",
-            "--radius", "0.5", "--head-radius", "2", "--output-dir", str(out),
-            "--no-progress"]  # fmt: skip
+            "--epochs", "2", "--noise-rate", "0.25", "--method", "robust", "--radius", "0.5",
+            "--head-radius", "2", "--output-dir", str(out), "--no-progress"]  # fmt: skip
     assert main([*args, "--max-steps", "2"]) == 0
     first = json.loads((out / "results.json").read_text())
     assert first["steps"] == 2 and first["n_train"] == 8 and np.isfinite(first["test_loss"])
