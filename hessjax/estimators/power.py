@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from hessjax.estimators._base import (
     Matvec,
@@ -85,7 +86,17 @@ def power_iteration(
     dim = part.sizes[0]
     if k > dim:
         raise ValueError(f"k must be <= the dimension {dim}, got k={k}")
-    dot = lambda x, y: part.dot(x, y)[0]
+    host = host_loops(map_fn, key)
+    leaves = jax.tree_util.tree_leaves(like)
+    flat = host and len({jnp.result_type(x) for x in leaves}) == 1
+    if flat:  # the host loop on raveled vectors: a few large ops, not several per leaf
+        zeros, unravel = ravel_pytree(jax.tree_util.tree_map(jnp.zeros_like, like))
+        ravel = lambda t: ravel_pytree(t)[0]
+        flat_part, _ = probe_layout(zeros, None, "like")
+        dot = lambda x, y: jnp.dot(x, y)
+    else:
+        unravel = ravel = lambda t: t
+        dot = lambda x, y: part.dot(x, y)[0]
 
     def normalise(v: PyTree) -> PyTree:
         norm = jnp.sqrt(dot(v, v))
@@ -111,7 +122,7 @@ def power_iteration(
 
     def body(state):
         v = before(state)
-        return after(state, v, matvec(v))
+        return after(state, v, ravel(matvec(unravel(v))))
 
     def start(starts, found, j):  # the initial state of eigenpair j
         v = jax.tree_util.tree_map(
@@ -125,16 +136,22 @@ def power_iteration(
         v = orth(found, j, v)
         return jax.tree_util.tree_map(lambda f, x: f.at[j].set(x), found, v)
 
-    starts = draw_probes(key, like, part, k, "normal")
+    # One draw for all leaves in leaf order: raveled, the same numbers as the tree's.
+    starts = draw_probes(key, zeros, flat_part, k, "normal") if flat else None
+    if starts is None:
+        starts = draw_probes(key, like, part, k, "normal")
     found = jax.tree_util.tree_map(jnp.zeros_like, starts)
     step = None
-    if host_loops(map_fn, key):  # three calls per step, the product shared (compiled_matvec)
+    if host:  # three calls per step, the product shared (compiled_matvec)
         state0 = run_compiled(start, starts, found, np.int32(0))
-        pre = compile_once(before, state0)
+        pre = compile_once(lambda st: unravel(before(st)), state0)
         v0 = pre(state0)
         product = compiled_matvec(matvec, v0)
-        if pre is not None and product is not None:
-            post = compile_once(after, state0, v0, jax.eval_shape(matvec, v0))
+        if product is not None:
+            post = compile_once(
+                lambda st, v, hv: after(st, ravel(v), ravel(hv)),
+                state0, v0, jax.eval_shape(matvec, v0),
+            )  # fmt: skip
             step = lambda st: (lambda v: post(st, v, product(v)))(pre(st))
     values, count = [], 0
     for j in range(k):
@@ -150,4 +167,6 @@ def power_iteration(
         found = run_compiled(store, state)
         values.append(state[2])
         count = count + state[0]
+    if flat:
+        found = run_compiled(jax.vmap(unravel), found)
     return run_compiled(lambda x: jnp.stack(x), values), found, jnp.asarray(count, jnp.int32)
