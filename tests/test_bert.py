@@ -297,7 +297,7 @@ def _tiny_classifier(seed=0):
 
 def test_partition_depth_and_radii():
     from hessjax import layer_partition, layerwise_radii
-    from hessjax.train import default_depth
+    from hessjax.models import default_depth
 
     params = nnx.to_pure_dict(nnx.state(bert_classifier(2), nnx.Param))
     part = layer_partition(params, select=lambda n, leaf: bert_measured_layer(n))
@@ -317,7 +317,7 @@ def test_partition_depth_and_radii():
 
 def test_project_to_anchor_on_bert():
     from hessjax import layerwise_radii, project_to_anchor
-    from hessjax.train import default_depth
+    from hessjax.models import default_depth
 
     params = nnx.to_pure_dict(nnx.state(_tiny_classifier(), nnx.Param))
     radii = layerwise_radii(params, 0.1, scale_factor=2.0, depth_fn=default_depth,

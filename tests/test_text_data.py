@@ -85,7 +85,7 @@ def test_load_splits_text_noise_and_strata():
 
 
 def test_make_model_minilm():
-    from hessjax.train import MODELS, make_model
+    from hessjax.models import MODELS, make_model
 
     assert {"minilm", "minilm_random"} <= set(MODELS)
     x = load_dataset("amazon_reviews:16", "test")[0][:2]
@@ -144,13 +144,13 @@ def _cli_finetune_measure(tmp_path, *, last_block, resume):
 
 
 def test_cli_finetune_measure_on_reviews(tmp_path, tiny_minilm):
-    """`hessjax finetune` (robust, 2 steps) then `hessjax measure` of `--model minilm` on 24
-    reviews, the MiniLM folder being a tiny BERT (:func:`tiny_minilm`). Resuming is tested on
-    images (tests/test_cli.py, tests/train/) and on text with the real MiniLM below (slow).
+    """`hessjax finetune` (robust, 2 steps, resumed to 3) then `hessjax measure` of
+    `--model minilm` on 24 reviews, the MiniLM folder being a tiny BERT (:func:`tiny_minilm`);
+    the same with the real MiniLM below (slow).
 
     Every evaluation has 8 examples (one compiled shape); the reference variant of the measure
     on a text model is in tests/test_bert.py (slow)."""
-    _cli_finetune_measure(tmp_path, last_block=1, resume=False)
+    _cli_finetune_measure(tmp_path, last_block=1, resume=True)
 
 
 @pytest.mark.slow

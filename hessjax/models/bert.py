@@ -59,7 +59,7 @@ _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
-_POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,8 +376,8 @@ class BertClassifier(nnx.Module):
 
     def __init__(self, encoder: BertModel, num_classes: int, *, pooling: str = "mean",
                  dropout_rate: float | None = None, rngs: nnx.Rngs):  # fmt: skip
-        if pooling not in _POOLINGS:
-            raise ValueError(f"pooling: expected one of {_POOLINGS}, got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling: expected one of {POOLINGS}, got {pooling!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
         config = encoder.config

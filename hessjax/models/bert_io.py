@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hessjax.models.bert import _POOLINGS, BertClassifier, BertConfig, BertModel
+from hessjax.models.bert import POOLINGS, BertClassifier, BertConfig, BertModel
 
 __all__ = [
     "MINILM_ENV",
@@ -28,6 +28,7 @@ __all__ = [
     "load_bert_state_dict",
     "load_bert_weights",
     "minilm_path",
+    "model_folder",
     "pretrained_bert",
     "to_hf_state_dict",
 ]
@@ -66,7 +67,16 @@ def minilm_path() -> Path:
     )
 
 
-def _folder(path) -> Path:
+def model_folder(path: str | os.PathLike | None) -> Path:
+    """``path`` as a BERT model folder (default: the installed MiniLM, :func:`minilm_path`).
+
+    Raises:
+      FileNotFoundError: ``path`` is not a directory.
+
+    Example:
+      >>> model_folder(None) == minilm_path()
+      True
+    """
     path = minilm_path() if path is None else Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"path: {str(path)!r} is not a model folder")
@@ -95,7 +105,7 @@ def load_bert_state_dict(path: str | os.PathLike | None = None) -> dict[str, np.
         >>> load_bert_state_dict()["encoder.layer.0.attention.self.query.weight"].shape
         (384, 384)
     """
-    folder = _folder(path)
+    folder = model_folder(path)
     if (folder / "model.safetensors").is_file():
         try:
             from safetensors.numpy import load_file
@@ -168,7 +178,7 @@ def load_bert_weights(
         Traceback (most recent call last):
         ValueError: state_dict does not match BertModel: missing keys (1): pooler.dense.bias
     """
-    from hessjax.models.weights import _listing
+    from hessjax._util import listing
 
     skipped = lambda key: any(key.startswith(p) for p in skip)
     entries = {k: v for k, v in _hf_entries(model).items() if not skipped(k)}
@@ -189,7 +199,7 @@ def load_bert_weights(
     if missing or unexpected or mis_shaped:
         found = (("missing keys", missing), ("unexpected keys", unexpected),
                  ("mis-shaped tensors", mis_shaped))  # fmt: skip
-        parts = [_listing(title, items) for title, items in found if items]
+        parts = [listing(title, items) for title, items in found if items]
         raise ValueError(f"state_dict does not match {type(model).__name__}: " + "; ".join(parts))
     for variable, value in updates:
         variable.set_value(jnp.asarray(value, dtype=variable.get_value().dtype))
@@ -248,7 +258,7 @@ def pretrained_bert(
     References:
         Wang et al., "MiniLM", NeurIPS 2020; sentence-transformers/all-MiniLM-L6-v2.
     """
-    folder = _folder(path)
+    folder = model_folder(path)
     config = BertConfig.from_json(folder)
     state_dict = load_bert_state_dict(folder)
     has_pooler = any(k.startswith("pooler.") for k in state_dict)
@@ -290,12 +300,12 @@ def bert_classifier(
         >>> clf(jnp.ones((1, 3, 8), jnp.int32)).tolist()
         [[0.0, 0.0]]
     """
-    if pooling not in _POOLINGS:
-        raise ValueError(f"pooling: expected one of {_POOLINGS}, got {pooling!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: expected one of {POOLINGS}, got {pooling!r}")
     if pretrained:
         encoder = pretrained_bert(path, pooler=pooling == "cls", dtype=dtype)
     else:
-        config = BertConfig.from_json(_folder(path))
+        config = BertConfig.from_json(model_folder(path))
         encoder = BertModel(config, pooler=pooling == "cls", dtype=dtype, rngs=nnx.Rngs(seed))
     return BertClassifier(encoder, num_classes, pooling=pooling, dropout_rate=dropout_rate,
                           rngs=nnx.Rngs(0))  # fmt: skip
@@ -330,7 +340,7 @@ def bert_tokenizer(path: str | os.PathLike | None = None, *, max_length: int = 1
         or not 2 <= max_length <= 4096
     ):
         raise ValueError(f"max_length: expected an int in [2, 4096], got {max_length!r}")
-    file = _folder(path) / "tokenizer.json"
+    file = model_folder(path) / "tokenizer.json"
     if not file.is_file():
         raise FileNotFoundError(f"path: {file.parent} has no tokenizer.json")
     tok = Tokenizer.from_file(str(file))

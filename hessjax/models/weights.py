@@ -19,7 +19,6 @@ from flax import nnx
 from hessjax._torch_pickle import read_torch_file, write_torch_file
 from hessjax._util import listing
 
-_listing = listing  # the name hessjax.models.bert_io imports (to be moved to _util)
 MOBILENET_V2_ENV = "HESSJAX_MOBILENET_V2_WEIGHTS"
 _MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 

@@ -48,7 +48,3 @@ __all__ = [
     "restore_checkpoint",
     "split_model",
 ]
-
-# Moved to hessjax.models (the model zoo owns them); still importable from here for a while.
-from hessjax.models.mobilenet import mobilenet_v2_stage_depth  # noqa: E402, F401
-from hessjax.models.zoo import MODELS, TinyCNN, default_depth, make_model  # noqa: E402, F401

@@ -9,10 +9,10 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler, normalize
 
 from hessjax.data import stratified_split, subsample_per_class
-from hessjax.text import TEXT_DATASETS, _frame
+from hessjax.text import TEXT_DATASETS, text_frame
 
-ftr = _frame(TEXT_DATASETS["amazon_reviews"], "train")
-fte = _frame(TEXT_DATASETS["amazon_reviews"], "test")
+ftr = text_frame(TEXT_DATASETS["amazon_reviews"], "train")
+fte = text_frame(TEXT_DATASETS["amazon_reviews"], "test")
 ttr = ftr["review"].astype(str).tolist()
 tte = fte["review"].astype(str).tolist()
 d = np.load("/tmp/probe/feat_pretrained_L128.npz")
