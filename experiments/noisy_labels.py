@@ -6,7 +6,8 @@ validation set each epoch, keeps its best-validation checkpoint and stops after 
 epochs without improvement; each method's own hyperparameters (L2-SP lambda, smoothing, GCE q,
 SCE alpha/beta, rho of the assumed symmetric T, body radius D and head radius) are chosen on
 clean validation accuracy on the tuning seed from :data:`hessjax.experiment.GRIDS` (>= 4 values
-each, one coordinate at a time), then run on fresh seeds; the test accuracy reported is the
+each, one coordinate at a time; a choice at an end of its grid widens it, up to ``widen`` more
+values), then run on fresh seeds; the test accuracy reported is the
 best-validation checkpoint's. Methods: plain, l2sp, label_smoothing, gce, sce, forward,
 backward (T symmetric at the tuned rho), constraint, ``robust`` (the paper's algorithm:
 layerwise constraint + backward correction at the tuned rho) and ``robust_dualt`` (T by
@@ -49,14 +50,15 @@ OURS = ("robust", "robust_dualt")
 NOISES = [("symmetric", 0.2), ("symmetric", 0.4), ("symmetric", 0.6), ("symmetric", 0.8),
           ("pair", 0.4)]  # fmt: skip
 _BASE = dict(methods=METHODS, noises=NOISES, batch_size=32, lr_decay_every=10, radius_scale=1.5,
-             tune_seed=0, seeds=[1, 2, 3, 4, 5], grids=None, layers=None, chunk_size=1)  # fmt: skip
+             tune_seed=0, seeds=[1, 2, 3, 4, 5], grids=None, widen=2, layers=None,
+             chunk_size=1)  # fmt: skip
 _MOBILE = _BASE | dict(dataset="fashion_mnist", model="mobilenet_v2")
 PRESETS = {
     "smoke": _BASE | dict(dataset="digits", model="tiny_cnn", image_size=8, train_from=0,
                           n_per_class=6, val_size=30, test_size=60, batch_size=8, lr=1e-2,
                           epochs=3, patience=2, seeds=[1, 2], methods=["plain", "robust"],
                           noises=[("symmetric", 0.4)], examples=4, num_iters=3,
-                          grids={"plain": {}, "robust": {"radius": (0.1, 1.0)}}),
+                          grids={"plain": {}, "robust": {"radius": (0.1, 1.0)}}, widen=1),
     # the cheap regime: partial fine-tuning; patience 5 (the reference: 10) to fit the CPU,
     # the best epoch is 1-3 here
     "cpu_partial": _MOBILE | dict(image_size=32, train_from=14, n_per_class=30, val_size=200,
@@ -208,7 +210,7 @@ def main(argv=None) -> dict:
         key = _noise_name(noise)
         run_fn = make_run_fn(c, out, noise, progress, args.summary_only)
         tuned = hexp.tune_then_seeds(run_fn, c["methods"], tune_seed=c["tune_seed"],
-                                     seeds=c["seeds"], grids=grids)  # fmt: skip
+                                     seeds=c["seeds"], grids=grids, widen=c["widen"])  # fmt: skip
         protocol[key] = {m: {k: v for k, v in t.items() if k != "runs"} for m, t in tuned.items()}
         for method, t in tuned.items():
             unfinished = [

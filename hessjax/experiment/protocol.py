@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "BOUNDS",
     "GRIDS",
     "HEAD_RADII",
     "RADII",
@@ -39,8 +40,10 @@ __all__ = [
     "coordinate_search",
     "correlations",
     "grid_edges",
+    "next_value",
     "paired_difference",
     "t_quantile",
+    "tried_grid",
     "tune_then_seeds",
 ]
 
@@ -82,7 +85,40 @@ START: dict[str, Any] = {"penalty": 1e-2, "smoothing": 0.1, "gce_q": 0.7, "sce_a
                          "sce_beta": 1.0, "assumed_rate": 0.3, "radius": 4.0,
                          "head_radius": 16.0}  # fmt: skip
 
+# The range a widened grid may reach (inclusive); rho stays below the singular (k-1)/k = 0.9
+# of a symmetric T on 10 classes, q of GCE in (0, 1].
+BOUNDS: dict[str, tuple[float, float]] = {"radius": (2.0**-8, 1024.0),
+                                          "head_radius": (2.0**-6, 4096.0),
+                                          "penalty": (1e-7, 10.0), "smoothing": (1e-3, 0.8),
+                                          "gce_q": (0.1, 1.0), "sce_alpha": (1e-4, 10.0),
+                                          "sce_beta": (1e-3, 16.0),
+                                          "assumed_rate": (0.0, 0.85)}  # fmt: skip
+
 RunFn = Callable[[dict, int], Mapping[str, Any]]
+
+
+def next_value(values: Sequence[float], side: str, bounds: tuple[float, float] | None = None):
+    """The grid's next value beyond its ``"low"`` or ``"high"`` end, or None if out of bounds.
+
+    A positive grid whose consecutive ratios are equal extends geometrically (the edge times
+    or divided by the ratio of its two end values), any other grid linearly (the edge plus or
+    minus the spacing of its two end values); the result is clipped to ``bounds`` and None
+    when clipping leaves it at the edge.
+
+    Example:
+      >>> next_value((0.25, 1.0, 4.0, 16.0), "low")
+      0.0625
+      >>> next_value((0.3, 0.5, 0.7, 0.9), "high", (0.1, 1.0))
+      1.0
+    """
+    v = sorted(float(x) for x in values)
+    a, b = (v[0], v[1]) if side == "low" else (v[-1], v[-2])
+    ratios = [y / x for x, y in zip(v, v[1:], strict=False)] if v[0] > 0 else []
+    geometric = bool(ratios) and np.allclose(ratios, ratios[0], rtol=1e-6)
+    new = a * (a / b) if geometric else a + (a - b)
+    if bounds is not None:
+        new = min(max(new, bounds[0]), bounds[1])
+    return None if np.isclose(new, a) or new in v else float(new)
 
 
 def _score(res: Mapping[str, Any]) -> float:
@@ -96,6 +132,8 @@ def coordinate_search(
     *,
     seed: int,
     start: Mapping[str, Any] | None = None,
+    widen: int = 0,
+    bounds: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Choose hyperparameters on clean validation accuracy, one coordinate at a time.
 
@@ -105,6 +143,10 @@ def coordinate_search(
     is called once per distinct configuration). With one hyperparameter this is the full grid
     search; with ``p`` of sizes ``g_1..g_p`` it costs at most ``sum g_j`` runs instead of
     ``prod g_j``. Runs that fail (no finite ``val_accuracy``: an ``"error"``) are never chosen.
+    With ``widen > 0``, a choice at an end of its grid extends the grid beyond that end
+    (:func:`next_value`, within ``bounds``) while the new value is strictly better, at most
+    ``widen`` times per hyperparameter: the optimum is then inside the grid, or the grid hit
+    its bound, or ``widen`` steps were not enough (``grid_edges`` of the tried values says so).
 
     Args:
       run_fn: ``run_fn(hparams, seed) -> results`` with ``"val_accuracy"`` (the best
@@ -113,6 +155,8 @@ def coordinate_search(
       seed: the tuning seed.
       start: the starting value of each hyperparameter (default :data:`START`, else the
         grid's first value).
+      widen: extensions of a grid beyond an end its choice sits at (keyword-only).
+      bounds: ``name -> (low, high)`` for the extensions (default :data:`BOUNDS`).
 
     Returns:
       ``(chosen, trials)``: the chosen ``{name: value}`` and every distinct run as
@@ -140,12 +184,35 @@ def coordinate_search(
     if not grid:
         run({})
         return {}, trials
+    bounds = BOUNDS if bounds is None else bounds
     for name, values in grid.items():
+        values = list(values)
         scores = [run(current | {name: v}) for v in values]
         finite = [i for i, s in enumerate(scores) if math.isfinite(s)]
-        if finite:
-            current[name] = values[max(finite, key=lambda i: (scores[i], -i))]
+        if not finite:
+            continue
+        best = max(finite, key=lambda i: (scores[i], -i))
+        current[name] = values[best]
+        for _ in range(widen):
+            side = {0: "low", len(values) - 1: "high"}.get(values.index(current[name]))
+            new = next_value(values, side, bounds.get(name)) if side else None
+            if new is None:
+                break
+            values = [new, *values] if side == "low" else [*values, new]
+            score = run(current | {name: new})
+            if not (math.isfinite(score) and score > scores[best]):
+                break
+            current[name], scores[best] = new, score
     return current, trials
+
+
+def tried_grid(trials: Sequence[Mapping[str, Any]]) -> dict[str, list]:
+    """``name -> sorted values`` tried in ``trials`` (the grid after any widening)."""
+    out: dict[str, set] = {}
+    for t in trials:
+        for k, v in t["hparams"].items():
+            out.setdefault(k, set()).add(v)
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def grid_edges(chosen: Mapping[str, Any], grid: Mapping[str, Sequence]) -> dict[str, str]:
@@ -159,7 +226,7 @@ def grid_edges(chosen: Mapping[str, Any], grid: Mapping[str, Sequence]) -> dict[
     """
     out = {}
     for k, v in chosen.items():
-        vals = list(grid[k])
+        vals = sorted(grid[k])
         i = vals.index(v)
         out[k] = "low" if i == 0 else "high" if i == len(vals) - 1 else "inside"
     return out
@@ -173,6 +240,7 @@ def tune_then_seeds(
     seeds: Sequence[int],
     grids: Mapping[str, Mapping[str, Sequence]] | None = None,
     start: Mapping[str, Any] | None = None,
+    widen: int = 0,
 ) -> dict[str, dict]:
     """For each method: tune on ``tune_seed`` (:func:`coordinate_search`), then run ``seeds``.
 
@@ -186,10 +254,11 @@ def tune_then_seeds(
       tune_seed: the seed the grid is searched on (not among the reported ``seeds``).
       seeds: the fresh seeds of the reported numbers.
       grids: ``method -> {name: values}`` (default :data:`GRIDS`).
-      start: passed to :func:`coordinate_search`.
+      start, widen: passed to :func:`coordinate_search`.
 
     Returns:
-      ``method -> {"chosen", "trials", "edges", "runs": {seed: results}}``.
+      ``method -> {"chosen", "trials", "grid", "edges", "runs": {seed: results}}`` (``grid``:
+      the values tried, after any widening; ``edges``: where the choice sits in it).
 
     Raises:
       ValueError: a method without a grid; ``tune_seed`` among ``seeds``.
@@ -209,9 +278,12 @@ def tune_then_seeds(
     out = {}
     for m in methods:
         fn = lambda hp, s, m=m: run_fn(dict(hp, method=m), s)
-        chosen, trials = coordinate_search(fn, grids[m], seed=tune_seed, start=start)
+        chosen, trials = coordinate_search(fn, grids[m], seed=tune_seed, start=start,
+                                           widen=widen)  # fmt: skip
         runs = {s: dict(fn(chosen, s)) for s in seeds}
-        out[m] = dict(chosen=chosen, trials=trials, edges=grid_edges(chosen, grids[m]), runs=runs)
+        grid = tried_grid(trials)
+        out[m] = dict(chosen=chosen, trials=trials, grid=grid, edges=grid_edges(chosen, grid),
+                      runs=runs)  # fmt: skip
     return out
 
 

@@ -147,3 +147,34 @@ def test_paired_difference_t_interval_and_coverage():
         P.paired_difference([1, 2], [1])
     with pytest.raises(ValueError, match="at least 2"):
         P.paired_difference([1], [1])
+
+
+def test_next_value_geometric_linear_and_bounds():
+    assert P.next_value((0.25, 1.0, 4.0, 16.0), "high") == 64.0
+    assert P.next_value((1e-4, 1e-3, 1e-2, 1e-1), "low") == pytest.approx(1e-5)
+    assert P.next_value((0.1, 0.3, 0.5, 0.7), "high") == pytest.approx(0.9)
+    assert P.next_value((0.1, 0.3, 0.5, 0.7), "high", (0.0, 0.85)) == 0.85
+    assert P.next_value((0.1, 0.3, 0.5, 0.7), "low", (0.0, 0.85)) == 0.0
+    assert P.next_value((0.3, 0.5, 0.7, 1.0), "high", (0.1, 1.0)) is None  # at its bound
+
+
+def test_widening_moves_the_optimum_inside_or_to_the_bound():
+    def run(hp, seed):  # peak at radius 0.01, far below the grid
+        return {"val_accuracy": -abs(math.log(hp["radius"] / 0.01))}
+
+    grid = {"radius": (0.25, 1.0, 4.0, 16.0)}
+    chosen, trials = P.coordinate_search(run, grid, seed=0, start={}, widen=0)
+    assert chosen == {"radius": 0.25}
+    chosen, trials = P.coordinate_search(run, grid, seed=0, start={}, widen=5)
+    # 0.25 -> 0.0625 -> 0.015625 -> 0.00390625 (worse than 0.0156: stop, inside)
+    assert chosen["radius"] == pytest.approx(0.015625)
+    tried = P.tried_grid(trials)["radius"]
+    assert len(tried) == 7 and P.grid_edges(chosen, {"radius": tried}) == {"radius": "inside"}
+    chosen, _ = P.coordinate_search(run, grid, seed=0, start={}, widen=1)
+    assert chosen["radius"] == 0.0625  # one step was not enough: still at the (new) edge
+    out = P.tune_then_seeds(
+        lambda hp, s: run(hp, s), ["constraint"], tune_seed=0, seeds=[1, 2],
+        grids={"constraint": grid}, widen=5,
+    )  # fmt: skip
+    assert out["constraint"]["edges"] == {"radius": "inside"}
+    assert len(out["constraint"]["grid"]["radius"]) == 7
