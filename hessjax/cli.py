@@ -144,18 +144,18 @@ _FINETUNE_OPTIONS = (
 )  # fmt: skip
 _MEASURE_OPTIONS = (
     ("--examples", _int_at_least(1, all_ok=True),
-     "training examples the max over examples runs over (an int or 'all')"),
+     "training examples the max runs over (an int or 'all'; None = all, the theorem's)"),
     ("--num-iters", _POSITIVE, "Lanczos steps"),
     ("--chunk-size", _POSITIVE, "examples vmapped at once (1 is fastest on CPU for conv nets)"),
-    ("--layers", None, "regex selecting measured kernels (default: all; MobileNetV2: "
-     "features.14-18 and the head)"),
+    ("--layers", None, "regex selecting measured kernels, or 'later' (MobileNetV2: "
+     "features.14-18 and the head); default: every fine-tuned kernel"),
     ("--variant", ("canonical", "reference", "both"),
      "the paper's measure, the reference code's, or both"),
     ("--checkpoint", ("final", "best"), "which parameters of the run"),
     ("--seed", _NONNEG, "which training examples"),
     ("--output", None, "JSON file (default: RUN/measure.json)"),
 )  # fmt: skip
-_MEASURE_DEFAULTS = {"examples": 16, "num_iters": 8, "chunk_size": 1, "variant": "canonical",
+_MEASURE_DEFAULTS = {"examples": None, "num_iters": 8, "chunk_size": 1, "variant": "canonical",
                      "checkpoint": "final", "seed": 0}  # fmt: skip
 _DEMO_OPTIONS = (
     ("--examples", _POSITIVE, "examples for the measure"),

@@ -70,6 +70,7 @@ def demo(
             num_examples=opts.examples,
             num_iters=opts.num_iters,
             chunk_size=opts.chunk_size,
+            layers="later",
         )
     rows = []
     for method in ("plain", "robust"):

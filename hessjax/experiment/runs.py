@@ -346,8 +346,10 @@ def load_run(
     Args:
       run_dir: a ``hessjax finetune`` output directory.
       checkpoint: ``"final"``, ``"best"`` or ``"anchor"`` (the pretrained weights).
-      layers: a regular expression selecting the measured kernels (path names); default all
-        kernels, or for MobileNetV2 ``features.14-18`` and the head (the later blocks).
+      layers: a regular expression selecting the measured kernels (path names), or
+        ``"later"`` for the architecture's later blocks (:class:`~hessjax.models.ModelSpec`
+        ``later``; MobileNetV2: ``features.14-18`` and the head); default every fine-tuned
+        kernel (the theorem's measure of the whole fine-tuned network).
 
     Returns:
       A :class:`Run`.
@@ -364,7 +366,7 @@ def load_run(
     run = Path(run_dir)
     if checkpoint not in ("final", "best", "anchor"):
         raise ValueError(f"checkpoint: expected 'final', 'best' or 'anchor', got {checkpoint!r}")
-    select = _layer_selector(layers)
+    select = None if layers == "later" else _layer_selector(layers)
     cfg = read_config(run)
     cache = DEFAULT_CACHE if cache is None else cache
     splits = cache.with_trunk(cache.splits(cfg)[0], first_block(cfg))
@@ -390,13 +392,15 @@ def load_run(
         return state_loss({"params": p, "rest": rest}, ex)
 
     params = state["params"]
-    spec = model_spec(cfg["model"])
-    later = spec.later is not None and not first_block(cfg)
-    if layers is None:
-        select = spec.later if later else (lambda n: "kernel" in n)
-        layer_desc = "features.14-18 and the head (later blocks only)" if later else "all kernels"
-        if first_block(cfg):
-            layer_desc = f"all fine-tuned kernels (features.{first_block(cfg)}-18 and the head)"
+    spec, fb = model_spec(cfg["model"]), first_block(cfg)
+    if layers == "later":
+        if spec.later is None:
+            raise ValueError(f"layers: 'later' names no layers of {cfg['model']!r}")
+        select = spec.later
+        layer_desc = "the later blocks only (features.14-18 and the head)"
+    elif layers is None:
+        select = lambda n: "kernel" in n  # noqa: E731
+        layer_desc = "all fine-tuned kernels" + (f" (features.{fb}-18 and the head)" if fb else "")
     else:
         layer_desc = f"kernels matching {layers!r}"
     try:
@@ -410,7 +414,7 @@ def load_run(
 def measure_run(
     run_dir: str | Path,
     *,
-    num_examples: int = 16,
+    num_examples: int | None = None,
     num_iters: int = 8,
     chunk_size: int | None = 1,
     layers: str | None = None,
@@ -438,8 +442,8 @@ def measure_run(
       num_examples: examples the max runs over (None: every training example).
       num_iters: Lanczos steps.
       chunk_size: examples vmapped at once.
-      layers: a regular expression selecting the measured kernels (path names); default all
-        kernels, or for MobileNetV2 ``features.14-18`` and the head (the later blocks).
+      layers: a regular expression selecting the measured kernels (path names), or
+        ``"later"`` (the architecture's later blocks); default every fine-tuned kernel.
       variant: ``"canonical"``, ``"reference"`` or ``"both"``.
       checkpoint: ``"final"`` or ``"best"``.
       seed: the example choice (and the trace probes).
