@@ -74,6 +74,20 @@ def main() -> dict:
             "losses_shape_equal": a.losses.shape == b.losses.shape,
             "measure": [float(a.measure), float(b.measure)],
         }
+    # psd_blocks (a ReLU network: PSD blocks) sharded over 4 and 3 devices == brute force
+    relu_loss = lambda p, e: -jax.nn.log_softmax(jax.nn.relu(e[0] @ p["w1"]) @ p["w2"])[e[1]]
+    a = hessjax.hessian_distance(relu_loss, params, anchor, ex, **kw)
+    for mesh in (mesh4, mesh3):
+        b = hessjax.hessian_distance(
+            relu_loss, params, anchor, ex, map_fn=mesh_map(mesh), psd_blocks=True, **kw
+        )
+        out[f"measure_psd_{mesh.devices.size}"] = {
+            "per_layer_rel": _err(a.per_layer, b.per_layer) / float(jnp.max(a.per_layer)),
+            "argmax_equal": bool(jnp.all(a.argmax == b.argmax)),
+            "losses": _err(a.losses, b.losses),
+            "losses_shape_equal": a.losses.shape == b.losses.shape,
+            "measure": [float(a.measure), float(b.measure)],
+        }
     # the maximising example in the last (padded) shard must still win: make it the max
     big = (ex[0].at[m - 1].multiply(3.0), ex[1])
     a = hessjax.hessian_distance(_loss, params, anchor, big, n=100, num_iters=6)

@@ -175,7 +175,8 @@ def test_multi_has_four_devices(multi):
 
 
 @pytest.mark.parametrize(
-    "name", ["canonical_4", "canonical_3", "reference_4", "screened_4", "screened_3"]
+    "name",
+    ["canonical_4", "canonical_3", "reference_4", "screened_4", "screened_3", "psd_4", "psd_3"],
 )
 def test_sharded_measure_equals_unsharded(multi, name):
     r = multi[f"measure_{name}"]
