@@ -111,3 +111,18 @@ def test_presets_documented(name):
     mod = _load(name)
     assert {"smoke", "cpu", "gpu"} <= set(mod.PRESETS)
     assert "--preset gpu" in mod.__doc__
+
+
+def test_noisy_labels_presets_make_valid_run_configs(tmp_path):
+    """Every preset's every method (at the search's start) is a valid run, without training."""
+    from hessjax.experiment import GRIDS, RunConfig
+    from hessjax.experiment.protocol import START
+
+    mod = _load("noisy_labels")
+    for name, c in mod.PRESETS.items():
+        grids = c["grids"] or GRIDS
+        assert c["tune_seed"] not in c["seeds"], name
+        for method in c["methods"]:
+            hp = {k: START.get(k, v[0]) for k, v in grids[method].items()} | {"method": method}
+            cfg = RunConfig.from_dict(mod.run_config(c, tmp_path, c["noises"][0], hp, 1))
+            assert cfg.early_stopping and cfg.patience == c["patience"], (name, method)
