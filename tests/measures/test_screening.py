@@ -263,6 +263,11 @@ def test_mobilenet_later_blocks_equal_brute_force():
         )
         np.testing.assert_allclose(a.per_layer, b.per_layer, rtol=2e-4)
         np.testing.assert_array_equal(a.argmax, b.argmax)
+        # MobileNetV2 is piecewise linear in each layer: psd_blocks gives the same
+        c = measures.hessian_distance(loss, params, anchor, examples, n=100, num_iters=6,
+                                      screen_chunk_size=4, psd_blocks=True)  # fmt: skip
+        np.testing.assert_allclose(c.per_layer, b.per_layer, rtol=2e-4)
+        np.testing.assert_array_equal(c.argmax, b.argmax)
 
 
 # ------------------------------------------------------------------ PSD blocks (psd_blocks)
