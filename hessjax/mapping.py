@@ -32,7 +32,6 @@ dataclasses are).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -354,7 +353,6 @@ def drives_host_loop(map_fn: MapFn) -> bool:
     return bool(getattr(map_fn, "drives_host_loop", False))
 
 
-@functools.cache
 def default_map_fn() -> MapFn:
     """The map function of ``map_fn=None``: :func:`host_map` on CPU, else :func:`chunked_vmap`.
 
