@@ -60,7 +60,7 @@ class RunConfig(_DataAndModel):
     Attributes:
       dataset: ``fashion_mnist``, ``digits`` or ``tfds:<name>``.
       data_dir: where the dataset files are (None: the default place).
-      model: a name of :data:`hessjax.train.MODELS`.
+      model: a name of :data:`hessjax.models.MODELS`.
       train_from: MobileNetV2: fine-tune ``features.N-18`` and the head only (0: everything).
       n_per_class, val_size, test_size, image_size: the data sizes (training examples per
         class, clean validation examples carved from the training split, clean test
