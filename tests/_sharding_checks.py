@@ -29,6 +29,17 @@ def _err(a, b) -> float:
     )
 
 
+def _compare(a, b) -> dict:
+    """How far the sharded measure ``b`` is from the unsharded ``a``."""
+    return {
+        "per_layer_rel": _err(a.per_layer, b.per_layer) / float(jnp.max(a.per_layer)),
+        "argmax_equal": bool(jnp.all(a.argmax == b.argmax)),
+        "losses": _err(a.losses, b.losses),
+        "losses_shape_equal": a.losses.shape == b.losses.shape,
+        "measure": [float(a.measure), float(b.measure)],
+    }
+
+
 def _loss(p, ex):
     x, y = ex
     return -jax.nn.log_softmax(jnp.tanh(x @ p["w1"]) @ p["w2"])[y]
@@ -53,41 +64,18 @@ def main() -> dict:
         for mesh in meshes:
             name = str(mesh.devices.size)
             b = hessjax.hessian_distance(_loss, params, anchor, ex, map_fn=mesh_map(mesh), **kw)
-            out[f"measure_{variant}_{name}"] = {
-                "per_layer_rel": _err(a.per_layer, b.per_layer) / float(jnp.max(a.per_layer)),
-                "argmax_equal": bool(jnp.all(a.argmax == b.argmax)),
-                "losses": _err(a.losses, b.losses),
-                "losses_shape_equal": a.losses.shape == b.losses.shape,
-                "measure": [float(a.measure), float(b.measure)],
-            }
-    # screening (exact) sharded over 4 and 3 devices == brute force on one device
-    kw = dict(n=100, chunk_size=2, num_iters=6, screen_chunk_size=2)
-    a = hessjax.hessian_distance(_loss, params, anchor, ex, **kw)
-    for mesh in (mesh4, mesh3):
-        b = hessjax.hessian_distance(
-            _loss, params, anchor, ex, map_fn=mesh_map(mesh), screening=True, **kw
-        )
-        out[f"measure_screened_{mesh.devices.size}"] = {
-            "per_layer_rel": _err(a.per_layer, b.per_layer) / float(jnp.max(a.per_layer)),
-            "argmax_equal": bool(jnp.all(a.argmax == b.argmax)),
-            "losses": _err(a.losses, b.losses),
-            "losses_shape_equal": a.losses.shape == b.losses.shape,
-            "measure": [float(a.measure), float(b.measure)],
-        }
-    # psd_blocks (a ReLU network: PSD blocks) sharded over 4 and 3 devices == brute force
+            out[f"measure_{variant}_{name}"] = _compare(a, b)
+    # screening, and psd_blocks (on a ReLU network, whose layer blocks are PSD), sharded over
+    # 4 and 3 devices == brute force on one device
     relu_loss = lambda p, e: -jax.nn.log_softmax(jax.nn.relu(e[0] @ p["w1"]) @ p["w2"])[e[1]]
-    a = hessjax.hessian_distance(relu_loss, params, anchor, ex, **kw)
-    for mesh in (mesh4, mesh3):
-        b = hessjax.hessian_distance(
-            relu_loss, params, anchor, ex, map_fn=mesh_map(mesh), psd_blocks=True, **kw
-        )
-        out[f"measure_psd_{mesh.devices.size}"] = {
-            "per_layer_rel": _err(a.per_layer, b.per_layer) / float(jnp.max(a.per_layer)),
-            "argmax_equal": bool(jnp.all(a.argmax == b.argmax)),
-            "losses": _err(a.losses, b.losses),
-            "losses_shape_equal": a.losses.shape == b.losses.shape,
-            "measure": [float(a.measure), float(b.measure)],
-        }
+    kw = dict(n=100, chunk_size=2, num_iters=6, screen_chunk_size=2)
+    for label, loss, fast in (("screened", _loss, dict(screening=True)),
+                              ("psd", relu_loss, dict(psd_blocks=True))):  # fmt: skip
+        a = hessjax.hessian_distance(loss, params, anchor, ex, **kw)
+        for mesh in (mesh4, mesh3):
+            b = hessjax.hessian_distance(loss, params, anchor, ex, map_fn=mesh_map(mesh),
+                                         **fast, **kw)  # fmt: skip
+            out[f"measure_{label}_{mesh.devices.size}"] = _compare(a, b)
     # the maximising example in the last (padded) shard must still win: make it the max
     big = (ex[0].at[m - 1].multiply(3.0), ex[1])
     a = hessjax.hessian_distance(_loss, params, anchor, big, n=100, num_iters=6)

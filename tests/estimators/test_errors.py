@@ -8,24 +8,11 @@ import numpy as np
 import pytest
 
 from hessjax import estimators as E
-from tests.estimators._dense import (  # noqa: F401
+from tests.estimators._dense import (
     BLOCK_SHAPES,
-    DTYPES,
     SHAPES,
-    N,
-    block_problem,
-    dense,
-    dense_matvec,
-    flat_jnp,
     like,
     make_partition,
-    orthogonal,
-    precision,
-    psd_part,
-    to_flat,
-    to_tree,
-    to_tree_jnp,
-    tol,
 )
 
 

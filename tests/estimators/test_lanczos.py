@@ -9,7 +9,7 @@ import numpy as np
 from absl.testing import parameterized
 
 from hessjax import estimators as E
-from tests.estimators._dense import (  # noqa: F401
+from tests.estimators._dense import (
     BLOCK_SHAPES,
     DTYPES,
     SHAPES,
@@ -17,15 +17,10 @@ from tests.estimators._dense import (  # noqa: F401
     block_problem,
     dense,
     dense_matvec,
-    flat_jnp,
     like,
-    make_partition,
-    orthogonal,
     precision,
-    psd_part,
     to_flat,
     to_tree,
-    to_tree_jnp,
     tol,
 )
 

@@ -7,24 +7,14 @@ import jax
 import numpy as np
 
 from hessjax import estimators as E
-from tests.estimators._dense import (  # noqa: F401
-    BLOCK_SHAPES,
-    DTYPES,
+from tests.estimators._dense import (
     SHAPES,
     N,
-    block_problem,
     dense,
     dense_matvec,
-    flat_jnp,
     like,
-    make_partition,
-    orthogonal,
     precision,
-    psd_part,
     to_flat,
-    to_tree,
-    to_tree_jnp,
-    tol,
 )
 
 
