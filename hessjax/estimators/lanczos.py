@@ -303,7 +303,7 @@ def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
     off = betas[..., :-1]
     eye = jnp.eye(m, dtype=alphas.dtype)
     up = jnp.eye(m, k=1, dtype=alphas.dtype)
-    pad = jnp.concatenate([off, jnp.zeros_like(off[..., :1])], axis=-1)
+    pad = jnp.concatenate([off, jnp.zeros_like(betas[..., :1])], axis=-1)  # length m, m >= 1
     return alphas[..., None] * eye + pad[..., :, None] * up + pad[..., None, :] * up.T
 
 

@@ -7,9 +7,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from hessjax import estimators as E
+from hessjax import partition as P
 from tests.estimators._dense import (
     BLOCK_SHAPES,
     DTYPES,
@@ -155,3 +157,17 @@ class DensityTest(chex.TestCase):
             axis=(1, 2),
         ) / (2 * sigma * np.sqrt(2 * np.pi))
         np.testing.assert_allclose(fixed.density, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_one_step_quadrature_is_the_clipped_form_per_layer(jit):
+    """With num_iters=1 the Gauss rule has one node, v^T H v / ||v||^2: Q = max(v^T H v, 0)
+    for every layer (this used to fail with a partition: an empty tridiagonal matrix)."""
+    params = {"a": jnp.ones((2, 2)), "b": jnp.ones((3, 2))}
+    part = P.layer_partition(params)
+    matvec = lambda v: {"a": 2.0 * v["a"], "b": -v["b"]}  # layer a: 2I, layer b: -I
+    fn = lambda p: E.positive_quadratic_form(matvec, p, num_iters=1, partition=part)
+    got = jax.jit(fn)(params) if jit else fn(params)
+    np.testing.assert_allclose(got, [8.0, 0.0], rtol=1e-6)
+    one = E.positive_quadratic_form(lambda v: 3.0 * v, jnp.ones(3), num_iters=1)
+    np.testing.assert_allclose(one, 9.0, rtol=1e-6)
