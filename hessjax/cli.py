@@ -1,4 +1,4 @@
-"""The ``hessjax`` command line: ``finetune``, ``measure`` and ``demo``.
+"""The ``hessjax`` command line: ``finetune``, ``measure``, ``select`` and ``demo``.
 
 A thin shell over :mod:`hessjax.experiment`: argparse options are the fields of
 :class:`hessjax.experiment.RunConfig` / :class:`~hessjax.experiment.DemoConfig` (with their
@@ -30,6 +30,7 @@ from hessjax.experiment import (
     demo,
     finetune,
     measure_run,
+    select_by_bound,
     write_json,
 )
 from hessjax.models.zoo import MODELS
@@ -157,6 +158,20 @@ _MEASURE_OPTIONS = (
 )  # fmt: skip
 _MEASURE_DEFAULTS = {"examples": None, "num_iters": 8, "chunk_size": 1, "variant": "canonical",
                      "checkpoint": "final", "seed": 0}  # fmt: skip
+# (flag, type, RunConfig field, help): the grid of ``hessjax select``, one list per field
+_GRID_OPTIONS = (
+    ("--radii", _POSITIVE_FLOAT, "radius", "candidate radii D"),
+    ("--head-radii", _float_in(0.0), "head_radius", "candidate head radii (0: the head stays 0)"),
+    ("--methods", tuple(sorted(METHODS)), "method", "candidate methods"),
+)  # fmt: skip
+_SELECT_OPTIONS = (
+    ("--loss-bound", _POSITIVE_FLOAT, "floor of the cross-entropy's clip level c0 in C "
+     "(default: each candidate's largest training cross-entropy over all labels)"),
+    ("--num-iters", _POSITIVE, "Lanczos steps"),
+    ("--chunk-size", _POSITIVE, "examples vmapped at once"),
+    ("--layers", None, "regex selecting measured kernels, or 'later'; default every kernel"),
+)  # fmt: skip
+_SELECT_DEFAULTS = {"num_iters": 8, "chunk_size": 1}
 _DEMO_OPTIONS = (
     ("--examples", _POSITIVE, "examples for the measure"),
     ("--num-iters", _POSITIVE, "Lanczos steps for the measure"),
@@ -219,6 +234,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--psd-blocks", action=argparse.BooleanOptionalAction, default=None,
                    help="exact fast path for networks piecewise linear in each layer "
                    "(default: the model's; MobileNetV2 and the tiny CNN yes)")  # fmt: skip
+    s = _command(sub, "select", "fine-tune a grid of radii/methods; choose by the Theorem-2.1 "
+                 "bound on the training data only (no validation data)", _cmd_select,
+                 (_DATA_OPTIONS, run), (_FINETUNE_OPTIONS, run), (_SELECT_OPTIONS,
+                 _SELECT_DEFAULTS), (_COMMON_OPTIONS, {}))  # fmt: skip
+    for flag, kind, _, text in _GRID_OPTIONS:
+        kw = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        s.add_argument(flag, nargs="+", help=text, **kw)
     _command(sub, "demo", "plain vs robust fine-tuning of MobileNetV2 on noisy Fashion-MNIST; "
              "table, plot and JSON", _cmd_demo, (_DATA_OPTIONS, demo_cfg),
              (_DEMO_OPTIONS, demo_cfg))  # fmt: skip
@@ -274,6 +296,30 @@ def _cmd_measure(args) -> int:
                   f"train loss {out['train_loss']:.4g}, test loss {out['test_loss']:.4g}, "
                   f"gap {out['gap']:.4g}, C {out['loss_bound_C']:.4g}")  # fmt: skip
     write_json(path, out)
+    return 0
+
+
+def _cmd_select(args) -> int:
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    cfg = {k: v for k, v in vars(args).items() if k in names}
+    grid = {field: getattr(args, flag[2:].replace("-", "_")) for flag, _, field, _ in _GRID_OPTIONS
+            if getattr(args, flag[2:].replace("-", "_"))}  # fmt: skip
+    if not grid:
+        raise ValueError("grid: give candidates with --radii, --head-radii and/or --methods")
+    out = select_by_bound(RunConfig.from_dict(cfg), grid, loss_bound=args.loss_bound,
+                          num_iters=args.num_iters, chunk_size=args.chunk_size,
+                          layers=args.layers, progress=not args.no_progress)  # fmt: skip
+    print(f"{'candidate':<36} {'train loss':>10} {'measure':>9} {'C':>8} {'bound':>9}   "
+          "reported, not used: val acc  test acc")  # fmt: skip
+    for row in out["table"]:
+        rep = row["reported"]
+        name = " ".join(f"{k}={v}" for k, v in row["candidate"].items())
+        print(f"{name:<36} {row['train_loss']:>10.4f} {row['measure']:>9.4f} {row['C']:>8.3f} "
+              f"{row['bound']:>9.4f}   {rep['val_accuracy']:>25.3f} "
+              f"{rep['test_accuracy']:>9.3f}")  # fmt: skip
+    chosen = " ".join(f"{k}={v}" for k, v in out["chosen"].items())
+    print(f"chosen by the bound: {chosen} ({out['chosen_run']}); "
+          f"table in {Path(args.output_dir) / 'select.json'}")  # fmt: skip
     return 0
 
 

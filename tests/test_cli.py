@@ -139,3 +139,26 @@ def test_train_from_fine_tunes_the_later_blocks_only(tmp_path, capsys):
     capsys.readouterr()
     assert main(["finetune", *TINY, "--train-from", "3", "--output-dir", str(tmp_path / "x")]) == 2
     assert "train_from" in capsys.readouterr().err
+
+
+def test_select_prints_the_table_and_the_argmin_of_the_bounds(tmp_path, capsys):
+    base = ["select", *TINY, "--n-per-class", "2", "--method", "robust", "--epochs", "1",
+            "--num-iters", "2"]  # fmt: skip
+    out = tmp_path / "sel"
+    assert main([*base, "--head-radii", "0", "2", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "select.json").read_text())
+    bounds = [row["bound"] for row in saved["table"]]
+    assert [row["candidate"] for row in saved["table"]] == [{"head_radius": h} for h in (0.0, 2.0)]
+    assert saved["chosen_index"] == bounds.index(min(bounds))
+    chosen = f"head_radius={saved['chosen']['head_radius']}"
+    assert f"chosen by the bound: {chosen}" in printed and "head_radius=2.0" in printed
+    assert "reported, not used" in printed
+    # no grid; early stopping (it reads the clean validation set): exit 2, the option named
+    assert main([*base, "--output-dir", str(tmp_path / "x")]) == 2
+    assert "grid" in capsys.readouterr().err
+    assert main([*base, "--radii", "1", "--early-stopping", "--output-dir", str(out)]) == 2
+    assert "early_stopping" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["select", "--help"])
+    assert all(o in capsys.readouterr().out for o in ("--radii", "--head-radii", "--methods"))

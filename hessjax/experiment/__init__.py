@@ -11,6 +11,8 @@ application: :mod:`hessjax.train`, :mod:`hessjax.models`, :mod:`hessjax.data`) a
 * :func:`tune_then_seeds` and :data:`GRIDS`: the reference code's protocol (every method
   with early stopping and its best clean-validation checkpoint, tuned on one seed, reported on
   fresh ones); :func:`bootstrap_correlations`, :func:`paired_difference`: the statistics.
+* :func:`select_by_bound`: choose a radius/method from the Theorem-2.1 bound on the
+  training data alone (no validation set).
 * :func:`git_commit`, :func:`use_compilation_cache`, :func:`data_mesh`: the environment.
 
 Example:
@@ -48,6 +50,7 @@ from hessjax.experiment.runs import (
     read_config,
     write_json,
 )
+from hessjax.experiment.select import select_by_bound
 
 __all__ = [
     "DEFAULT_CACHE",
@@ -76,6 +79,7 @@ __all__ = [
     "paired_difference",
     "read_config",
     "run_fingerprint",
+    "select_by_bound",
     "tune_then_seeds",
     "use_compilation_cache",
     "write_json",
