@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--noises", nargs="+", default=None,
                    help="e.g. symmetric0.4 pair0.4 (default: the preset's)")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=None, help="default: the preset's")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="the reported seeds (default: the preset's; a reduction is recorded "
+                   "in config.json)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="default experiments/results/...")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
@@ -194,6 +197,8 @@ def main(argv=None) -> dict:
         c["noises"] = [_parse_noise(t) for t in args.noises]
     if args.methods:
         c["methods"] = args.methods
+    if args.seeds:
+        c["seeds"] = args.seeds
     grids = c["grids"] or hexp.GRIDS
     out = args.out or Path("experiments/results") / f"noisy_labels_{args.preset}"
     out.mkdir(parents=True, exist_ok=True)
