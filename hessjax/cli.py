@@ -173,7 +173,8 @@ _SELECT_OPTIONS = (
 )  # fmt: skip
 _SELECT_DEFAULTS = {"num_iters": 8, "chunk_size": 1}
 _DEMO_OPTIONS = (
-    ("--examples", _POSITIVE, "examples for the measure"),
+    ("--examples", _int_at_least(1, all_ok=True),
+     "training examples the measure's max runs over (an int or 'all'; default all)"),
     ("--num-iters", _POSITIVE, "Lanczos steps for the measure"),
     ("--chunk-size", _POSITIVE, "examples vmapped at once (1 is fastest on CPU for conv nets)"),
     ("--output-dir", None, "where everything goes"),

@@ -539,3 +539,78 @@ def per_example_block_forms(
     num_rows(examples, "examples")
     one = block_forms_fn(loss_fn, params, v, partition)
     return chunked_vmap(one, examples, chunk_size=chunk_size)
+
+
+def block_vhv_fn(
+    loss_fn: Callable[..., jax.Array], params: PyTree, v: PyTree, partition: Partition
+) -> Callable[[PyTree], tuple[jax.Array, jax.Array]]:
+    """One example's ``v_i^T H_ii v_i`` for every layer, forward-over-forward, with a SHARED ``v``.
+
+    Maths: for the example ``x`` and every layer ``i`` of ``partition``,
+    ``v_i^T H_ii[x] v_i = d^2/dt^2 loss_fn(params + t v_i, x) |_{t=0}``, the second
+    directional derivative along ``v_i`` alone, computed as a ``jvp`` of a ``jvp`` (no reverse
+    pass). The same numbers as :func:`block_forms_fn`'s ``vhv`` (which also gives
+    ``||H_ii v_i||^2`` and needs a reverse pass for it).
+
+    Why: when only ``v_i^T H_ii v_i`` is needed (the measure of networks whose layer blocks
+    are positive semi-definite, :func:`hessjax.hessian_distance` ``psd_blocks=True``), two
+    forward-mode passes from layer ``i`` on replace a forward-over-reverse product. Measured
+    (MobileNetV2 at 32x32, 53 layers, 16 examples vmapped with the tangent shared, 2 CPU
+    cores): 0.013 s per example for all layers, and the unrolled program of 53 layers compiles
+    in about 70 s (the forward-over-reverse :func:`block_forms_fn`: several minutes).
+
+    Cost: per example and layer two forward-mode passes from layer ``i`` to the loss (the
+    primal forward shared), plus one loss; vmapping over examples with ``v`` unbatched keeps
+    every kernel unbatched. The layers are a static Python loop (the compiled program grows
+    with ``L``). Memory: one forward pass's activations and two tangents, per example.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar``.
+      params: the point at which the Hessians are taken.
+      v: the shared vector, a pytree like ``params`` (leaves outside the partition ignored).
+      partition: the layers (:func:`hessjax.layer_partition`).
+
+    Returns:
+      A function ``example -> (vhv, loss)`` with ``vhv`` of shape ``(L,)``; vmap it over
+      examples.
+
+    Raises:
+      ValueError: ``v`` or ``params`` does not match the partition.
+      TypeError: dtypes of ``v`` and ``params`` differ.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from hessjax.partition import layer_partition
+      >>> params = {"w": jnp.ones((1, 2))}
+      >>> loss = lambda p, x: 0.5 * jnp.sum((p["w"] @ x) ** 2)  # H = x x^T
+      >>> vhv, value = block_vhv_fn(loss, params, params, layer_partition(params))(
+      ...     jnp.array([1.0, 2.0]))
+      >>> float(vhv[0]), float(value)  # (v . x)^2, loss
+      (9.0, 4.5)
+
+    References:
+      Griewank & Walther, Evaluating Derivatives (2008), ch. 13 (second directional
+      derivatives by forward mode); Ju, Li & Zhang, ICML 2022 (the per-example blocks ``H_i``).
+    """
+    leaves = partition.check(params, "params")
+    check_like(params, v, "v")
+    v_leaves = jax.tree_util.tree_leaves(v)
+    treedef = partition.treedef
+    layers = [partition.layer_leaves(i) for i in range(partition.num_layers)]
+    dtype = jnp.result_type(*leaves)
+
+    def one(example: PyTree) -> tuple[jax.Array, jax.Array]:
+        vhv, loss = [], None
+        for idx in layers:
+            layer_loss = _layer_loss(loss_fn, leaves, treedef, idx, (example,))
+            tangent = [v_leaves[j] for j in idx]
+            first = lambda sub, f=layer_loss, t=tangent: jax.jvp(f, (sub,), (t,))
+            (value, _), (_, second) = jax.jvp(first, ([leaves[j] for j in idx],), (tangent,))
+            loss = value if loss is None else loss
+            vhv.append(second)
+        if loss is None:  # no layers
+            loss = loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), example)
+        stacked = jnp.stack(vhv).astype(dtype) if vhv else jnp.zeros((0,), dtype)
+        return stacked, jnp.asarray(loss)
+
+    return one

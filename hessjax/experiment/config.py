@@ -145,12 +145,13 @@ class DemoConfig(_DataAndModel):
 
     The data, model and optimisation fields mean what they mean in :class:`RunConfig`;
     ``examples``, ``num_iters`` and ``chunk_size`` are the measure's (examples the max runs
-    over, Lanczos steps, examples vmapped at once).
+    over, None: every training example, as the theorem states it; Lanczos steps; examples
+    vmapped at once). The measure covers every fine-tuned layer.
     """
 
     epochs: int = 15
-    examples: int = 64
-    num_iters: int = 4
+    examples: int | None = None
+    num_iters: int = 8
     chunk_size: int = 1
     output_dir: str = "runs/demo"
 

@@ -70,7 +70,6 @@ def demo(
             num_examples=opts.examples,
             num_iters=opts.num_iters,
             chunk_size=opts.chunk_size,
-            layers="later",
         )
     rows = []
     for method in ("plain", "robust"):
@@ -83,6 +82,7 @@ def demo(
         })  # fmt: skip
     table = demo_table(rows)
     m0 = measures["plain"]
+    psd = " (PSD blocks: the value is v^T H v, checked at the maximisers)" * m0["psd_blocks"]
     note = (
         f"Fashion-MNIST, {opts.n_per_class}/class ({results['plain']['n_train']} train), "
         f"{opts.image_size}x{opts.image_size}, {int(100 * opts.noise_rate)}% symmetric label "
@@ -90,8 +90,8 @@ def demo(
         f"Robust = layerwise Frobenius constraint (D={d}, s={s}, D_head={dh}) + backward "
         f"correction with the true symmetric T. Loss = cross-entropy; train loss on the noisy "
         f"training labels, test loss on clean labels. Measure over {m0['layers']} "
-        f"({m0['num_layers']} layers), max over {m0['num_examples']} training examples, "
-        f"{m0['num_iters']} Lanczos steps, n={m0['n']}; bound = train loss + sqrt(C) * measure "
+        f"({m0['num_layers']} layers), max over {m0['num_examples']} of {m0['n']} training "
+        f"examples, {m0['num_iters']} Lanczos steps{psd}; bound = train loss + sqrt(C) * measure "
         "(Theorem 2.1 without xi, C = max training loss)."
     )
     wall = time.perf_counter() - t_start

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hessjax.hessian import block_forms_fn, hvp
+from hessjax.hessian import block_forms_fn, block_vhv_fn, hvp
 from hessjax.mapping import MapFn, check_map_fn, place
 from hessjax.measures import screening
 from hessjax.measures._checks import (
@@ -97,7 +97,7 @@ def hessian_distance(
     variant: str = "canonical",
     batch_size: int = 4,
     map_fn: MapFn | None = None,
-    screening: bool = False,
+    screening: bool = True,
     screen_chunk_size: int | None = 16,
     psd_blocks: bool = False,
 ) -> HessianDistance:
@@ -122,9 +122,9 @@ def hessian_distance(
     ``v`` at once (so cross-layer terms enter), and ``calH_i = max_b <v_i, (H_b v)_i>``,
     untruncated (it can be negative; the measure counts negative values as 0).
 
-    Screening (``screening=True``, canonical variant) gives the SAME result as brute force
-    (``screening=False``, the default: Lanczos for every example), faster when the brackets
-    rule examples out (see the measured caveat below). For every
+    Screening (``screening=True``, the default, canonical variant) gives the SAME result as
+    brute force (``screening=False``: Lanczos for every example, kept as the reference),
+    faster when the brackets rule examples out (see the measured caveat below). For every
     example and layer one block product with the shared ``v_i`` (batched over
     ``screen_chunk_size`` examples, :func:`hessjax.hessian.block_forms_fn`) brackets the
     ``num_iters``-step quadrature value ``Q``::
@@ -162,14 +162,17 @@ def hessian_distance(
     example's layer block is exactly its Gauss-Newton part ``J_i^T A J_i`` (the second
     derivative of the logits with respect to one layer's weights vanishes between the kinks),
     hence positive semi-definite: ``H_i^+ = H_i`` and every Ritz value is ``>= 0``, so the
-    ``num_iters``-step quadrature equals ``v_i^T H_i v_i`` for every ``num_iters``. The screen's
-    lower bracket is then the value itself, and Lanczos runs only on each layer's maximiser
+    ``num_iters``-step quadrature equals ``v_i^T H_i v_i`` for every ``num_iters``. The value is
+    then ``v_i^T H_i v_i`` of every example, computed forward-over-forward with ``v`` shared
+    (:func:`hessjax.hessian.block_vhv_fn`: no reverse pass, batched over
+    ``screen_chunk_size`` examples), and Lanczos runs only on each layer's maximiser
     (one program for all layers: the layer is a 0/1 mask of the tangent), as a check done
-    outside ``jit`` (under ``jit`` the value is returned unchecked): if its quadrature exceeds
-    ``v_i^T H_i v_i`` by more than the rounding slack, the block is not PSD and a ValueError
+    outside ``jit`` (under ``jit`` the value is returned unchecked): if its quadrature differs
+    from ``v_i^T H_i v_i`` by more than the rounding slack, the block is not PSD and a ValueError
     names the layer (use ``psd_blocks=False``; smooth activations such as tanh, GELU, softmax
-    attention or LayerNorm make the blocks indefinite). Cost: the screen (``L`` batched
-    products per example) plus one brute-force example per layer.
+    attention or LayerNorm make the blocks indefinite). Cost: two forward-mode passes per
+    example and layer (MobileNetV2 at 32x32, 53 layers, 2 CPU cores: 0.013 s per example, the
+    program compiles in about 70 s) plus one brute-force example per layer for the check.
 
     Sharded (``map_fn=hessjax.sharding.mesh_map(mesh)``): the examples (canonical) or batches
     (reference) are split over the mesh's data axis (:func:`hessjax.sharding.sharded_map`:
@@ -205,8 +208,8 @@ def hessian_distance(
         splits the examples over a device mesh; with screening both the screen and each
         refinement round are split (a round refines ``chunk_size`` examples per device).
       screening: keyword-only (canonical variant): bracket every example from one batched
-        block product and run Lanczos only where needed (True), or run Lanczos on every
-        example (False, default, the brute-force reference). Same result either way.
+        block product and run Lanczos only where needed (True, default), or run Lanczos on
+        every example (False, the brute-force reference). Same result either way.
       screen_chunk_size: keyword-only, examples vmapped at once in the screen (``None``:
         all); memory grows with it.
       psd_blocks: keyword-only (canonical variant): the layer blocks are positive
@@ -396,16 +399,18 @@ def _screened(
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "partition", "chunk_size", "map_fn"))
-def _block_forms(loss_fn, params, v, examples, partition, *, chunk_size, map_fn=None):
-    """``(v_i^T H_i v_i, ||H_i v_i||^2, loss)`` of every example and layer (one program)."""
-    return _map_rows(block_forms_fn(loss_fn, params, v, partition), examples, chunk_size, map_fn)
+def _block_vhv(loss_fn, params, v, examples, partition, *, chunk_size, map_fn=None):
+    """``(v_i^T H_i v_i, loss)`` of every example and layer, forward-over-forward (one
+    program)."""
+    return _map_rows(block_vhv_fn(loss_fn, params, v, partition), examples, chunk_size, map_fn)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_iters"))
 def _masked_quadrature(loss_fn, params, v, mask, example, *, num_iters):
     """One example's ``num_iters``-step ``q^T H_i^+ q`` for the layer that ``mask`` (0/1, like
-    params) selects: Lanczos on ``w -> mask * H (mask * w)`` from ``mask * v``. Every layer
-    uses the same program (the mask is an input), so it compiles once for all layers."""
+    params) selects, and ``||v_i|| ||H_i v_i||`` (the scale of its rounding error): Lanczos on
+    ``w -> mask * H (mask * w)`` from ``mask * v``. Every layer uses the same program (the
+    mask is an input), so it compiles once for all layers."""
     from hessjax.estimators import positive_quadratic_form
     from hessjax.hessian import hvp_fn
 
@@ -413,17 +418,20 @@ def _masked_quadrature(loss_fn, params, v, mask, example, *, num_iters):
     masked = lambda w: jax.tree_util.tree_map(jnp.multiply, mask, matvec(
         jax.tree_util.tree_map(jnp.multiply, mask, w)))  # fmt: skip
     start = jax.tree_util.tree_map(jnp.multiply, mask, v)
-    return positive_quadratic_form(masked, start, num_iters=num_iters)
+    sq = lambda t: sum(jnp.vdot(x, x) for x in jax.tree_util.tree_leaves(t))
+    scale = jnp.sqrt(sq(start) * sq(masked(start)))
+    return positive_quadratic_form(masked, start, num_iters=num_iters), scale
 
 
 def _psd_path(loss_fn, params, v, examples, partition, *, num_iters, truncate,
               screen_chunk_size, map_fn):  # fmt: skip
-    """``psd_blocks=True``: the value is ``max(v_i^T H_i v_i, 0)``; checked at each layer's
-    maximiser by Lanczos (outside ``jit``), which must not exceed it beyond rounding."""
+    """``psd_blocks=True``: the value is ``max(v_i^T H_i v_i, 0)`` (forward-over-forward);
+    checked at each layer's maximiser by Lanczos (outside ``jit``), which must equal it up
+    to rounding."""
     v = partition.restrict(v)
-    forms = _block_forms(loss_fn, params, v, examples, partition,
-                         chunk_size=screen_chunk_size, map_fn=map_fn)  # fmt: skip
-    lower = jnp.maximum(forms.vhv, 0.0)
+    vhv, losses = _block_vhv(loss_fn, params, v, examples, partition,
+                             chunk_size=screen_chunk_size, map_fn=map_fn)  # fmt: skip
+    lower = jnp.maximum(vhv, 0.0)
     argmax = jnp.argmax(lower, axis=0)
     per_layer = jnp.max(lower, axis=0)
     num_layers = partition.num_layers
@@ -431,34 +439,34 @@ def _psd_path(loss_fn, params, v, examples, partition, *, num_iters, truncate,
     concrete = not any(isinstance(x, jax.core.Tracer)
                        for x in jax.tree_util.tree_leaves((params, v, examples)))  # fmt: skip
     if not (truncate and concrete):  # under jit: no host-side check (the value stands)
-        return per_layer, argmax, forms.losses, refined, jnp.asarray(0, jnp.int32)
+        return per_layer, argmax, losses, refined, jnp.asarray(0, jnp.int32)
     k = min(num_iters, max(partition.sizes))
     active = np.asarray(partition.sq_norms(v)) > 0
     arg = np.asarray(argmax)
     dtype = lower.dtype
     rtol = screening.default_rtol(dtype)
-    upper = np.asarray(screening.brackets(forms, partition.sq_norms(v), truncate=True)[1])
     values, bad = np.asarray(per_layer).copy(), []
     ones = jax.tree_util.tree_map(jnp.ones_like, v)
     for i in np.flatnonzero(active):
         mask = partition.restrict(ones, int(i))
         example = jax.tree_util.tree_map(lambda x, j=int(arg[i]): x[j], examples)
-        q = float(_masked_quadrature(loss_fn, params, v, mask, example, num_iters=k))
-        slack = float(np.sqrt(np.finfo(dtype).eps)) * float(upper[arg[i], i])
-        if q - values[i] - slack > rtol * max(q, float(np.finfo(dtype).tiny)):
-            bad.append((partition.names[i], (q - values[i]) / q))
+        q, scale = _masked_quadrature(loss_fn, params, v, mask, example, num_iters=k)
+        q = float(q)
+        slack = float(np.sqrt(np.finfo(dtype).eps)) * float(scale)
+        if abs(q - values[i]) - slack > rtol * max(q, float(np.finfo(dtype).tiny)):
+            bad.append((partition.names[i], (q - values[i]) / max(q, float(np.finfo(dtype).tiny))))
         values[i] = q
     if bad:
         raise ValueError(
             "psd_blocks: the layer block is not positive semi-definite at its maximiser for "
-            + ", ".join(f"{name!r} (quadrature exceeds v^T H v by {100 * g:.3g}%)"
+            + ", ".join(f"{name!r} (quadrature differs from v^T H v by {100 * g:.3g}%)"
                         for name, g in bad[:5])
             + "; the network is not piecewise linear in these layers' weights: use "
             "psd_blocks=False"
         )  # fmt: skip
     refined = jnp.asarray(active.astype(np.int32))
     num_refined = jnp.asarray(len({int(arg[i]) for i in np.flatnonzero(active)}), jnp.int32)
-    return jnp.asarray(values, dtype), argmax, forms.losses, refined, num_refined
+    return jnp.asarray(values, dtype), argmax, losses, refined, num_refined
 
 
 _map_rows = screening.map_rows

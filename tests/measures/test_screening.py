@@ -16,7 +16,7 @@ import pytest
 
 import hessjax
 from hessjax import estimators, measures
-from hessjax.hessian import per_example_block_forms
+from hessjax.hessian import block_vhv_fn, per_example_block_forms
 from hessjax.measures import screening
 from tests import _models
 
@@ -199,6 +199,40 @@ def test_per_example_block_forms_match_dense():
                 np.testing.assert_allclose(got.vhv[e, i], vf[idx] @ hv, rtol=1e-9, atol=1e-12)
                 np.testing.assert_allclose(got.hv_sq_norms[e, i], hv @ hv, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(got.losses, jax.vmap(lambda ex: loss(params, ex))(examples))
+
+
+class TestBlockVhv(chex.TestCase):
+    """Forward-over-forward ``v_i^T H_ii v_i`` against dense per-example blocks (numpy)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_dense(self):
+        cases = ((jnp.float64, 1e-9, (("dict_mlp", "tanh"), ("nnx_cnn", "relu"))),
+                 (jnp.float32, 2e-4, (("nnx_cnn", "relu"),)))  # fmt: skip
+        for dtype, rtol, models in cases:
+            with jax.enable_x64(dtype == jnp.float64):
+                for name, activation in models:
+                    loss, params, anchor, examples = _problem(name, activation, dtype=dtype)
+                    part = hessjax.layer_partition(params)
+                    v = jax.tree_util.tree_map(jnp.subtract, params, anchor)
+                    one = block_vhv_fn(loss, params, v, part)
+                    vhv, losses = self.variant(jax.vmap(one))(examples)
+                    assert vhv.dtype == dtype and vhv.shape == (11, part.num_layers)
+                    ids = _models.layer_ids(part, params)
+                    vf = np.asarray(_models.ravel(v), np.float64)
+                    flat, unravel = jax.flatten_util.ravel_pytree(params)
+                    hess = jax.jit(jax.vmap(jax.hessian(
+                        lambda w, ex, loss=loss, u=unravel: loss(u(w), ex)), in_axes=(None, 0)))
+                    hess = np.asarray(hess(flat, examples), np.float64)  # fmt: skip
+                    for e in range(11):
+                        for i in range(part.num_layers):
+                            idx = np.flatnonzero(ids == i)
+                            block = hess[e][np.ix_(idx, idx)]
+                            want = vf[idx] @ block @ vf[idx]
+                            scale = np.abs(vf[idx]) @ np.abs(block) @ np.abs(vf[idx])
+                            assert abs(float(vhv[e, i]) - want) <= rtol * scale + 1e-30, (
+                                name, dtype, e, i, float(vhv[e, i]), want)
+                    want_losses = jax.vmap(lambda ex, loss=loss, p=params: loss(p, ex))(examples)
+                    np.testing.assert_allclose(losses, want_losses, rtol=rtol)
 
 
 def test_bad_input():
