@@ -67,7 +67,7 @@ PRESETS = {
     # every layer at 64x64 (defined; not run on the 2-core CPU in this session)
     "cpu_image_full": _MOBILE | dict(image_size=64, train_from=0, n_per_class=50,
                                      val_size=200, test_size=500, lr=1e-4, epochs=15,
-                                     patience=5, examples=64, num_iters=4, layers="kernel"),
+                                     patience=5, examples=None, num_iters=8, layers="kernel"),
     "cpu_text": _BASE | dict(dataset="amazon_reviews:64", model="minilm", image_size=32,
                              train_from=0, n_per_class=250, val_size=200, test_size=500,
                              optimizer="adamw", lr=2e-5, batch_size=16, epochs=6, patience=3,
