@@ -220,17 +220,17 @@ class TestBlockVhv(chex.TestCase):
                     ids = _models.layer_ids(part, params)
                     vf = np.asarray(_models.ravel(v), np.float64)
                     flat, unravel = jax.flatten_util.ravel_pytree(params)
-                    hess = jax.jit(jax.vmap(jax.hessian(
-                        lambda w, ex, loss=loss, u=unravel: loss(u(w), ex)), in_axes=(None, 0)))
-                    hess = np.asarray(hess(flat, examples), np.float64)  # fmt: skip
+                    flat_loss = lambda w, ex, loss=loss, u=unravel: loss(u(w), ex)
+                    hess = jax.jit(jax.vmap(jax.hessian(flat_loss), in_axes=(None, 0)))
+                    hess = np.asarray(hess(flat, examples), np.float64)
                     for e in range(11):
                         for i in range(part.num_layers):
                             idx = np.flatnonzero(ids == i)
                             block = hess[e][np.ix_(idx, idx)]
                             want = vf[idx] @ block @ vf[idx]
                             scale = np.abs(vf[idx]) @ np.abs(block) @ np.abs(vf[idx])
-                            assert abs(float(vhv[e, i]) - want) <= rtol * scale + 1e-30, (
-                                name, dtype, e, i, float(vhv[e, i]), want)
+                            got = float(vhv[e, i])
+                            assert abs(got - want) <= rtol * scale + 1e-30, (name, e, i, got)
                     want_losses = jax.vmap(lambda ex, loss=loss, p=params: loss(p, ex))(examples)
                     np.testing.assert_allclose(losses, want_losses, rtol=rtol)
 
