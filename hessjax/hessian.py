@@ -464,27 +464,17 @@ def block_forms_fn(
     References:
       Pearlmutter 1994; Ju, Li & Zhang, ICML 2022 (the per-example blocks ``H_i``).
     """
-    leaves = partition.check(params, "params")
-    check_like(params, v, "v")
-    v_leaves = jax.tree_util.tree_leaves(v)
-    treedef = partition.treedef
-    layers = [partition.layer_leaves(i) for i in range(partition.num_layers)]
-    dtype = jnp.result_type(*leaves)
+
+    def step(layer_loss, sub, tangent):
+        (value, _), (_, hv) = jax.jvp(jax.value_and_grad(layer_loss), (sub,), (tangent,))
+        vhv = sum(jnp.vdot(a, b) for a, b in zip(tangent, hv, strict=True))
+        return value, (vhv, sum(jnp.vdot(b, b) for b in hv))
+
+    per_layer = _per_layer_fn(loss_fn, params, v, partition, step, num_outputs=2)
 
     def one(example: PyTree) -> BlockForms:
-        vhv, sq, loss = [], [], None
-        for idx in layers:
-            layer_loss = _layer_loss(loss_fn, leaves, treedef, idx, (example,))
-            sub = [leaves[j] for j in idx]
-            tangent = [v_leaves[j] for j in idx]
-            (value, _), (_, hv) = jax.jvp(jax.value_and_grad(layer_loss), (sub,), (tangent,))
-            loss = value if loss is None else loss
-            vhv.append(sum(jnp.vdot(a, b) for a, b in zip(tangent, hv, strict=True)))
-            sq.append(sum(jnp.vdot(b, b) for b in hv))
-        if loss is None:  # no layers
-            loss = loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), example)
-        stack = lambda xs: jnp.stack(xs).astype(dtype) if xs else jnp.zeros((0,), dtype)
-        return BlockForms(stack(vhv), stack(sq), jnp.asarray(loss))
+        (vhv, sq), loss = per_layer(example)
+        return BlockForms(vhv, sq, loss)
 
     return one
 
@@ -592,6 +582,27 @@ def block_vhv_fn(
       Griewank & Walther, Evaluating Derivatives (2008), ch. 13 (second directional
       derivatives by forward mode); Ju, Li & Zhang, ICML 2022 (the per-example blocks ``H_i``).
     """
+
+    def step(layer_loss, sub, tangent):
+        first = lambda s: jax.jvp(layer_loss, (s,), (tangent,))
+        (value, _), (_, second) = jax.jvp(first, (sub,), (tangent,))
+        return value, (second,)
+
+    per_layer = _per_layer_fn(loss_fn, params, v, partition, step, num_outputs=1)
+
+    def one(example: PyTree) -> tuple[jax.Array, jax.Array]:
+        (vhv,), loss = per_layer(example)
+        return vhv, loss
+
+    return one
+
+
+def _per_layer_fn(loss_fn, params, v, partition, step, *, num_outputs):
+    """``example -> (per-layer outputs, loss)``: ``step(layer_loss, sub, tangent) -> (loss,
+    outputs)`` for every layer in a static loop (``layer_loss`` differentiates only that
+    layer's leaves ``sub``, ``tangent`` is ``v`` there), each of the ``num_outputs`` outputs
+    stacked to ``(L,)`` in the params' dtype; the loss from the first layer (or one
+    evaluation if there is none)."""
     leaves = partition.check(params, "params")
     check_like(params, v, "v")
     v_leaves = jax.tree_util.tree_leaves(v)
@@ -599,18 +610,18 @@ def block_vhv_fn(
     layers = [partition.layer_leaves(i) for i in range(partition.num_layers)]
     dtype = jnp.result_type(*leaves)
 
-    def one(example: PyTree) -> tuple[jax.Array, jax.Array]:
-        vhv, loss = [], None
+    def one(example: PyTree):
+        rows, loss = [], None
         for idx in layers:
             layer_loss = _layer_loss(loss_fn, leaves, treedef, idx, (example,))
             tangent = [v_leaves[j] for j in idx]
-            first = lambda sub, f=layer_loss, t=tangent: jax.jvp(f, (sub,), (t,))
-            (value, _), (_, second) = jax.jvp(first, ([leaves[j] for j in idx],), (tangent,))
+            value, outs = step(layer_loss, [leaves[j] for j in idx], tangent)
             loss = value if loss is None else loss
-            vhv.append(second)
+            rows.append(outs)
         if loss is None:  # no layers
             loss = loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), example)
-        stacked = jnp.stack(vhv).astype(dtype) if vhv else jnp.zeros((0,), dtype)
+            return (jnp.zeros((0,), dtype),) * num_outputs, jnp.asarray(loss)
+        stacked = tuple(jnp.stack(col).astype(dtype) for col in zip(*rows, strict=True))
         return stacked, jnp.asarray(loss)
 
     return one
