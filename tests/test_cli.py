@@ -161,4 +161,5 @@ def test_select_prints_the_table_and_the_argmin_of_the_bounds(tmp_path, capsys):
     assert "early_stopping" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["select", "--help"])
-    assert all(o in capsys.readouterr().out for o in ("--radii", "--head-radii", "--methods"))
+    usage = capsys.readouterr().out  # read once: readouterr() empties the buffer
+    assert all(o in usage for o in ("--radii", "--head-radii", "--methods"))
