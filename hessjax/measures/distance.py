@@ -445,16 +445,16 @@ def _psd_path(loss_fn, params, v, examples, partition, *, num_iters, truncate,
     arg = np.asarray(argmax)
     dtype = lower.dtype
     rtol = screening.default_rtol(dtype)
+    eps, tiny = float(np.finfo(dtype).eps), float(np.finfo(dtype).tiny)
     values, bad = np.asarray(per_layer).copy(), []
     ones = jax.tree_util.tree_map(jnp.ones_like, v)
     for i in np.flatnonzero(active):
         mask = partition.restrict(ones, int(i))
         example = jax.tree_util.tree_map(lambda x, j=int(arg[i]): x[j], examples)
         q, scale = _masked_quadrature(loss_fn, params, v, mask, example, num_iters=k)
-        q = float(q)
-        slack = float(np.sqrt(np.finfo(dtype).eps)) * float(scale)
-        if abs(q - values[i]) - slack > rtol * max(q, float(np.finfo(dtype).tiny)):
-            bad.append((partition.names[i], (q - values[i]) / max(q, float(np.finfo(dtype).tiny))))
+        q, slack, size = float(q), np.sqrt(eps) * float(scale), max(float(q), tiny)
+        if abs(q - values[i]) - slack > rtol * size:
+            bad.append((partition.names[i], (q - values[i]) / size))
         values[i] = q
     if bad:
         raise ValueError(
