@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hessjax.mapping import chunked_vmap, num_rows
+from hessjax.mapping import chunked_vmap, compile_once, num_rows
 from hessjax.partition import Partition, path_name
 
 PyTree = Any
@@ -138,7 +138,10 @@ def hvp_fn(loss_fn: Callable[..., jax.Array], params: PyTree, *args: Any) -> Mat
 
     Cost: one gradient-with-residuals up front; each product about 1-1.5x a gradient instead
     of 2x. Memory: the residuals of the linearisation stay alive as long as the returned
-    function does.
+    function does. Outside ``jit`` the linearisation runs as ONE compiled program
+    (:func:`hessjax.mapping.compile_once`: compiled once per computation and shapes, shared
+    by later calls at other params or batches) instead of op by op: MobileNetV2 at 32x32,
+    batch 32, took 46 s eagerly. Inside ``jit`` it is traced as usual.
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar``.
@@ -159,14 +162,44 @@ def hvp_fn(loss_fn: Callable[..., jax.Array], params: PyTree, *args: Any) -> Mat
       Ju, Li & Zhang, ICML 2022; JAX autodiff cookbook (``jax.linearize``).
     """
     check_scalar_loss(loss_fn, params, *args)
-    grad = lambda p: jax.grad(loss_fn)(p, *args)
-    _, linear = jax.linearize(grad, params)
+    grad = lambda p, *a: jax.grad(loss_fn)(p, *a)
+    linear = _compiled_linearize(grad, params, args)
+    if linear is None:  # traced params or args: linearise in the enclosing trace
+        linear = jax.linearize(lambda p: grad(p, *args), params)[1]
 
     def matvec(v: PyTree) -> PyTree:
         check_like(params, v, "v")
         return linear(v)
 
     return matvec
+
+
+def _compiled_linearize(grad: Callable, params: PyTree, args: tuple) -> Callable | None:
+    """``jax.linearize(grad, params)[1]`` with its residuals computed by ONE compiled program.
+
+    The program returns the constants of the linear map's jaxpr (the residuals); the map is
+    that jaxpr evaluated on them. ``None`` under a trace (the caller linearises in place).
+    """
+    like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), params)
+    shape: dict[str, Any] = {}
+
+    def residuals(p):  # args are closed over: compile_once passes their arrays as arguments
+        linear = jax.linearize(lambda q: grad(q, *args), p)[1]
+        closed, out = jax.make_jaxpr(linear, return_shape=True)(like)
+        shape["jaxpr"], shape["out"] = closed.jaxpr, jax.tree_util.tree_structure(out)
+        return list(closed.consts)
+
+    call = compile_once(residuals, params)
+    if call is None:
+        return None
+    consts = call(params)
+    jaxpr, out_tree = shape["jaxpr"], shape["out"]
+
+    def linear(v: PyTree) -> PyTree:
+        out = jax.core.eval_jaxpr(jaxpr, consts, *jax.tree_util.tree_leaves(v))
+        return jax.tree_util.tree_unflatten(out_tree, out)
+
+    return linear
 
 
 def batch_matvec(matvec: Matvec, vs: PyTree, *, chunk_size: int | None = None) -> PyTree:

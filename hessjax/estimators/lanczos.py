@@ -79,12 +79,13 @@ def _lanczos_init(v0: PyTree, num_iters: int, part: Partition) -> tuple:
     )
 
 
-def _lanczos_update(part: Partition, num_iters: int, dtype) -> Any:
-    """Step ``j`` of the recurrence given ``w = H q_j``: everything but the product."""
+def _lanczos_next(part: Partition, num_iters: int, dtype) -> Any:
+    """Step ``j`` of the recurrence given ``w = H q_j``, except writing ``q_{j+1}`` into the
+    basis: ``next(j, state, w) -> (alphas, betas, active, num_valid, scale), q_{j+1}``."""
     tol = _BREAKDOWN_RTOL * math.sqrt(num_iters) * float(jnp.finfo(dtype).eps)
     dots = jax.vmap(part.dot, in_axes=(0, None))
 
-    def update(j, state, w):
+    def next_vector(j, state, w):
         basis, alphas, betas, active, num_valid, scale = state
         q = jax.tree_util.tree_map(lambda x: x[j], basis)
         alpha = part.dot(q, w)
@@ -96,8 +97,23 @@ def _lanczos_update(part: Partition, num_iters: int, dtype) -> Any:
         alphas = alphas.at[j].set(jnp.where(active, alpha, 0))
         betas = betas.at[j].set(jnp.where(ok, beta, 0))
         q_next = part.scale(w, safe_inverse(beta, ok))
-        basis = jax.tree_util.tree_map(lambda x, y: x.at[j + 1].set(y, mode="drop"), basis, q_next)
-        return basis, alphas, betas, ok, num_valid + active.astype(jnp.int32), scale
+        return (alphas, betas, ok, num_valid + active.astype(jnp.int32), scale), q_next
+
+    return next_vector
+
+
+def _put_rows(basis: PyTree, j: jax.Array, q_next: PyTree) -> PyTree:
+    """``basis`` with row ``j + 1`` of every leaf set to ``q_next`` (nothing past the end)."""
+    return jax.tree_util.tree_map(lambda x, y: x.at[j + 1].set(y, mode="drop"), basis, q_next)
+
+
+def _lanczos_update(part: Partition, num_iters: int, dtype) -> Any:
+    """Step ``j`` of the recurrence given ``w = H q_j``: everything but the product."""
+    next_vector = _lanczos_next(part, num_iters, dtype)
+
+    def update(j, state, w):
+        scalars, q_next = next_vector(j, state, w)
+        return (_put_rows(state[0], j, q_next),) + scalars
 
     return update
 
@@ -113,86 +129,139 @@ def _row(basis: PyTree, j: jax.Array) -> PyTree:
     )
 
 
-def _flat_update(num_iters: int, dtype, rows: int) -> Any:
-    """:func:`_lanczos_update` for one layer on raveled vectors: a handful of large ops
-    instead of several per leaf (MobileNetV2, 158 leaves: 14k lines of HLO per step, a minute
-    to lower and minutes to compile on a loaded 2-core machine). Reorthogonalises against the
-    first ``rows`` basis vectors only (``rows > j``: the others are still zero, so the result
-    is the same bit for bit), which halves the average cost of full reorthogonalisation."""
+_BLOCK = 8  # rows per block of the raveled host-loop basis
+_DGKS = 1 / math.sqrt(2)  # a second Gram-Schmidt pass when a pass keeps less than this
+
+
+def _flat_steps(num_iters: int, dtype, ravel: Any) -> tuple:
+    """One Lanczos step for one layer on raveled vectors (the CPU host loop, :func:`_flat_host`),
+    as three programs run in turn from Python:
+
+    * ``prepare(j, scalars, hq, q, q_prev) -> (w, alpha, scale, norm)``: the three-term
+      recurrence ``w = H q_j - alpha_j q_j - beta_{j-1} q_{j-1}``;
+    * ``project(blocks, w) -> (w, norm)``: one classical Gram-Schmidt pass against every
+      stored vector (``blocks``: the FILLED ``(_BLOCK, n)`` blocks of the basis, zero rows after
+      row ``j``); run again when a pass keeps less than ``1/sqrt(2)`` of the norm (the DGKS
+      criterion, "twice is enough": Daniel, Gragg, Kaufman & Stewart 1976; as ARPACK does);
+    * ``finish(j, scalars, w, alpha, scale) -> (scalars, q_{j+1})``: the breakdown test and
+      the normalisation.
+
+    Full reorthogonalisation as :func:`_lanczos_update`, at one read of the filled blocks per
+    pass (one pass almost always) instead of four reads of the whole basis. All of it is
+    memory-bound on CPU, and XLA:CPU is slow on three patterns it avoids (MobileNetV2,
+    2.2M floats, 40 x n basis; measured): a program that both reads the basis and writes a row
+    into it copies the basis (0.2 s per step against 0.05 s; the row is written by the donated
+    :func:`_put_row`); a slice ``basis[:rows]`` is copied first; and the projections run 2.5x
+    slower on a vector computed in the same program than on a program argument (hence three
+    programs). Blocks of 4 rows were slower than blocks of 8.
+    """
     tol = _BREAKDOWN_RTOL * math.sqrt(num_iters) * float(jnp.finfo(dtype).eps)
 
-    def update(j, state, w):
-        basis, alphas, betas, active, num_valid, scale = state  # basis (m, n), scalars (1,)
-        q = basis[j]
+    def prepare(j, scalars, hq, q, q_prev):
+        _, betas, _, _, scale = scalars  # (m, 1), (m, 1), (1,), (1,), (1,)
+        w = ravel(hq)
         alpha = jnp.dot(q, w)[None]
         scale = jnp.maximum(scale, jnp.sqrt(jnp.dot(w, w)))
-        head = basis[:rows]
-        for _ in range(2):  # full reorthogonalisation: classical Gram-Schmidt, twice
-            w = w - (head @ w) @ head
+        beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], 0)
+        w = w - alpha * q - beta_prev * q_prev
+        return w, alpha, scale, jnp.sqrt(jnp.dot(w, w))
+
+    def project(blocks, w):  # one subtraction of the summed projections (one pass)
+        coefs = [b @ w for b in blocks]
+        w = w - sum(c @ b for b, c in zip(blocks, coefs, strict=True))
+        return w, jnp.sqrt(jnp.dot(w, w))
+
+    def finish(j, scalars, w, alpha, scale):
+        alphas, betas, active, num_valid, _ = scalars
         beta = jnp.sqrt(jnp.dot(w, w))[None]
         ok = active & (beta > tol * scale)
         alphas = alphas.at[j].set(jnp.where(active, alpha, 0))
         betas = betas.at[j].set(jnp.where(ok, beta, 0))
-        basis = basis.at[j + 1].set(w * safe_inverse(beta, ok), mode="drop")
-        return basis, alphas, betas, ok, num_valid + active.astype(jnp.int32), scale
+        scalars = (alphas, betas, ok, num_valid + active.astype(jnp.int32), scale)
+        return scalars, w * safe_inverse(beta, ok)
 
-    return update
+    return prepare, project, finish
 
 
-def _flat_host(matvec: Matvec, v0: PyTree, num_iters: int, part: Partition) -> Any:
-    """The host loop of one layer over every leaf, on raveled vectors (see _flat_update)."""
+def _put_row(block: jax.Array, i: jax.Array, row: jax.Array) -> jax.Array:
+    """``block`` with row ``i`` set to ``row``; donated, so in place."""
+    return jax.lax.dynamic_update_index_in_dim(block, row.astype(block.dtype), i, 0)
+
+
+def _flat_host(
+    matvec: Matvec, v0: PyTree, num_iters: int, part: Partition, keep_basis: bool = True
+) -> Any:
+    """The host loop of one layer over every leaf, on raveled vectors (see :func:`_flat_steps`):
+    per step ``q_j`` as a pytree, the shared product, prepare, one (rarely two) projection
+    passes, finish, the row write. Same numbers as the ``lax`` loop to rounding."""
     flat0, unravel = ravel_pytree(jax.tree_util.tree_map(jnp.zeros_like, v0))
     ravel = lambda t: ravel_pytree(t)[0]
-    dtype = flat0.dtype
+    dtype, n = flat0.dtype, flat0.shape[0]
+    num_blocks = -(-num_iters // _BLOCK)
 
     def init(v):
         x = ravel(v)
         norm0 = jnp.sqrt(jnp.dot(x, x))[None]
         active0 = norm0 > 0
-        basis = (
-            jnp.zeros((num_iters, x.shape[0]), dtype).at[0].set(x * safe_inverse(norm0, active0))
-        )
         zeros = jnp.zeros((num_iters, 1), dtype)
-        one = jnp.zeros((1,), jnp.int32)
-        return basis, zeros, zeros, active0, one, jnp.zeros((1,), dtype)
+        scalars = (zeros, zeros, active0, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), dtype))
+        return scalars, x * safe_inverse(norm0, active0)
 
     start = compile_once(init, v0)
     product = compiled_matvec(matvec, v0)
     if start is None or product is None:
         return None
-    state = start(v0)
+    scalars, q = start(v0)
+    block = jnp.zeros((_BLOCK, n), dtype)
+    put = compile_once(_put_row, block, np.int32(0), q, donate_argnums=(0,))
+    blocks = [put(block, np.int32(0), q)] + [
+        jnp.zeros((_BLOCK, n), dtype) for _ in range(1, num_blocks)
+    ]
+    tree = compile_once(unravel, q)
+    prepare, project, finish = _flat_steps(num_iters, dtype, ravel)
     first = np.int32(0)
-    row = compile_once(lambda b, j: unravel(b[j]), state[0], first)
-    flat = compile_once(ravel, v0)
-    w = flat(product(row(state[0], first)))
-    steps = {}  # rows -> the update reorthogonalising against that many rows
-
-    def step(j, state, w):
-        rows = min(num_iters, max(8, 1 << int(j).bit_length()))  # a power of two > j
-        if rows not in steps:
-            fn = _flat_update(num_iters, dtype, rows)
-            steps[rows] = compile_once(fn, first, state, w, donate_argnums=(1,))
-        return steps[rows](j, state, w)
-
-    state = step(first, state, w)
-    for j in range(1, num_iters):
-        j = np.int32(j)
-        state = step(j, state, flat(product(row(state[0], j))))
-    basis, alphas, betas, _, num_valid, _ = state
-    basis = run_compiled(jax.vmap(unravel), basis)
+    hq = product(tree(q))
+    prepare = compile_once(prepare, first, scalars, hq, q, q)
+    shapes = jax.eval_shape(prepare, first, scalars, hq, q, q)
+    finish = compile_once(finish, first, scalars, shapes[0], shapes[1], shapes[2])
+    projections = {}  # number of filled blocks -> the compiled pass
+    q_prev = jnp.zeros_like(q)
+    for j in range(num_iters):
+        filled = j // _BLOCK + 1
+        if j:
+            hq = product(tree(q))
+        w, alpha, scale, before = prepare(np.int32(j), scalars, hq, q, q_prev)
+        if filled not in projections:
+            projections[filled] = compile_once(project, blocks[:filled], w)
+        w, after = projections[filled](blocks[:filled], w)
+        if float(after[()]) < _DGKS * float(before[()]):
+            w, _ = projections[filled](blocks[:filled], w)
+        scalars, q_next = finish(np.int32(j), scalars, w, alpha, scale)
+        if j + 1 < num_iters:
+            b, i = divmod(j + 1, _BLOCK)
+            blocks[b] = put(blocks[b], np.int32(i), q_next)
+        q_prev, q = q, q_next
+    alphas, betas, _, num_valid, _ = scalars
+    basis = None  # not asked for: the blocks are never copied into a pytree
+    if keep_basis:
+        basis = run_compiled(lambda bs: jax.vmap(unravel)(jnp.concatenate(bs)[:num_iters]), blocks)
     return LanczosResult(alphas.T, betas.T, basis, num_valid)
 
 
-def _lanczos_host(matvec: Matvec, v0: PyTree, num_iters: int, part: Partition, update) -> Any:
+def _lanczos_host(
+    matvec: Matvec, v0: PyTree, num_iters: int, part: Partition, keep_basis: bool = True
+) -> Any:
     """The steps from Python: per step ``q_j`` (small program), ``H q_j`` (the shared product
-    program, :func:`compiled_matvec`), the update (small program, state donated)."""
+    program, :func:`compiled_matvec`), the next vector (small program), its row written into
+    the basis (small program, basis donated)."""
     leaves = jax.tree_util.tree_leaves(v0)
     if (
         part.num_layers == 1
         and all(g == 0 for g in part.leaf_layer)
         and len({jnp.result_type(x) for x in leaves}) == 1
     ):
-        return _flat_host(matvec, v0, num_iters, part)
+        return _flat_host(matvec, v0, num_iters, part, keep_basis)
+    next_vector = _lanczos_next(part, num_iters, tree_dtype(v0))
     init = compile_once(lambda v: _lanczos_init(v, num_iters, part), v0)
     product = compiled_matvec(matvec, v0)
     if init is None or product is None:
@@ -201,28 +270,41 @@ def _lanczos_host(matvec: Matvec, v0: PyTree, num_iters: int, part: Partition, u
     first = np.int32(0)
     row = compile_once(_row, state[0], first)
     w = product(row(state[0], first))
-    step = compile_once(update, first, state, w, donate_argnums=(1,))
-    state = step(first, state, w)
-    for j in range(1, num_iters):
+    # the basis is read by one program and its new row written by another (donated): XLA:CPU
+    # copies an array that one program both reads and updates (see _flat_steps)
+    step = compile_once(next_vector, first, state, w)
+    put = compile_once(_put_rows, state[0], first, w, donate_argnums=(0,))
+    for j in range(num_iters):
         j = np.int32(j)
-        state = step(j, state, product(row(state[0], j)))
+        if j:
+            w = product(row(state[0], j))
+        scalars, q_next = step(j, state, w)
+        state = (put(state[0], j, q_next),) + scalars
     return _lanczos_result(state)
 
 
 def lanczos_run(
-    matvec: Matvec, v0: PyTree, num_iters: int, part: Partition, *, host: bool = False
+    matvec: Matvec,
+    v0: PyTree,
+    num_iters: int,
+    part: Partition,
+    *,
+    host: bool = False,
+    keep_basis: bool = True,
 ) -> LanczosResult:
     """Lanczos on the layers of ``part`` at once; scalars with a leading ``(L,)`` axis.
 
     ``host=True`` (and nothing traced) runs the steps from Python (:func:`_lanczos_host`): on
     CPU the product is several times slower as the body of ``lax.fori_loop``, and the product
-    program is shared with every other estimator. Same numbers either way.
+    program is shared with every other estimator. Same numbers either way (to rounding).
+    ``keep_basis=False`` lets the host loop return ``basis=None`` (callers that need only the
+    tridiagonal matrix: quadrature, eigenvalues without vectors).
     """
-    update = _lanczos_update(part, num_iters, tree_dtype(v0))
     if host:
-        res = _lanczos_host(matvec, v0, num_iters, part, update)
+        res = _lanczos_host(matvec, v0, num_iters, part, keep_basis)
         if res is not None:
             return res
+    update = _lanczos_update(part, num_iters, tree_dtype(v0))
 
     def body(j, state):
         return update(j, state, matvec(jax.tree_util.tree_map(lambda x: x[j], state[0])))
@@ -401,7 +483,8 @@ def eigenvalues(
     num_iters = min(num_iters, max(part.sizes))
 
     v0 = jax.tree_util.tree_map(lambda x: x[0], draw_probes(key, like, part, 1, "normal"))
-    res = lanczos_run(matvec, v0, num_iters, part, host=host_loops(map_fn, key))
+    host = host_loops(map_fn, key)
+    res = lanczos_run(matvec, v0, num_iters, part, host=host, keep_basis=return_vectors)
     return run_compiled(
         lambda res: _pick_eigen(res, part, k, which, return_vectors, per_layer), res
     )

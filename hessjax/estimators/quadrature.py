@@ -87,7 +87,7 @@ def _host_probes(
     out = []
     for p in range(jax.tree_util.tree_leaves(probes)[0].shape[0]):
         z = take(probes, np.int32(p))
-        res = lanczos_run(matvec, z, num_iters, part, host=True)
+        res = lanczos_run(matvec, z, num_iters, part, host=True, keep_basis=False)
         out.append(run_compiled(finish, res, z))
     return run_compiled(lambda xs: jax.tree_util.tree_map(lambda *r: jnp.stack(r), *xs), out)
 
@@ -145,7 +145,7 @@ def quadratic_form(
     num_iters = check_int("num_iters", num_iters)
     part, per_layer = probe_layout(v, partition, "v")
     num_iters = min(num_iters, max(part.sizes))
-    res = lanczos_run(matvec, v, num_iters, part, host=host_loops(map_fn, v))
+    res = lanczos_run(matvec, v, num_iters, part, host=host_loops(map_fn, v), keep_basis=False)
     value = run_compiled(lambda res, v: _gauss_quadrature(res, part.sq_norms(v), fn), res, v)
     return value if per_layer else value[0]
 
