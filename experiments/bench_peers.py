@@ -17,7 +17,12 @@ Tasks (each timed after a first call; ``first_call_s`` is the first call, compil
 * ``power5``: deflated power iteration, top 5 (hessjax ``power_iteration``, PyHessian);
 * ``density``: stochastic Lanczos quadrature, 2 probes x 40 steps;
 * ``measure_canonical`` / ``measure_reference``: :func:`hessjax.measures.hessian_distance` on
-  ``--num-examples`` examples of the later blocks (``features.14-18`` and the head; hessjax only).
+  ``--num-examples`` examples of the later blocks (``features.14-18`` and the head; hessjax only);
+* ``layer_traces``: :func:`hessjax.measures.layer_traces` on the same examples and layers, 2
+  probes x 4 steps (hessjax only; products: per-example block products, ``block_hvp``);
+* ``noise_stability``: :func:`hessjax.measures.noise_stability`, 4 antithetic draws and 4
+  probes (hessjax only; its ratio is over 4 products plus 9 loss evaluations, ``loss``);
+* ``quadform``: one quadratic form ``v^T f(H) v`` by 20 Lanczos steps (hessjax only).
 
 Every task reports its number of Hessian-vector products and ``ratio_to_products``: its time
 over (products x the time of one product, measured in the same round). Rounds are interleaved
@@ -62,10 +67,14 @@ TASKS = (
     "power5",
     "measure_reference",
     "measure_canonical",
+    "layer_traces",
+    "noise_stability",
+    "quadform",
 )
 BATCH, IMAGE, CLASSES, SEED = 32, 32, 10, 0
 NUM_PROBES, HUTCHPP, TOP1_STEPS, TOP5_STEPS = 100, 99, 22, 30
 DENSITY_PROBES, DENSITY_STEPS, POWER_ITERS, POWER_TOL = 2, 40, 20, 1e-3
+TRACE_PROBES, TRACE_STEPS, NOISE_DRAWS, NOISE_PROBES, QUAD_STEPS = 2, 4, 4, 4, 20
 
 
 def shared_inputs(path: Path) -> None:
@@ -143,6 +152,7 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int):
     ex0 = (examples[0][0], examples[1][0])
     block_mv = hessjax.block_hvp_fn(example_loss, params, part, ex0)
     block_product = compile_once(block_mv, part.restrict(v))
+    loss_call = compile_once(loss, params, batch)
     runs = {
         "hvp": lambda: (float(block(product(v), 0)["classifier"][1]["bias"][0]), 1),
         "hutchinson": lambda: (
@@ -168,10 +178,45 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int):
         "power5": lambda: _power(estimators, matvec, params, key),
         "measure_canonical": lambda: (measure("canonical", num_iters=8), m * 8),
         "measure_reference": lambda: (measure("reference"), m / 4),
+        "layer_traces": lambda: (
+            float(
+                hessjax.measures.layer_traces(
+                    example_loss,
+                    params,
+                    examples,
+                    key,
+                    partition=part,
+                    num_probes=TRACE_PROBES,
+                    num_iters=TRACE_STEPS,
+                ).max.sum()
+            ),
+            m * TRACE_PROBES * TRACE_STEPS,
+        ),  # fmt: skip
+        "noise_stability": lambda: (
+            float(
+                hessjax.measures.noise_stability(
+                    loss,
+                    params,
+                    batch,
+                    key,
+                    sigma=1e-3,
+                    num_draws=NOISE_DRAWS,
+                    num_probes=NOISE_PROBES,
+                ).predicted
+            ),
+            NOISE_PROBES,
+        ),  # fmt: skip
+        "quadform": lambda: (
+            float(
+                estimators.quadratic_form(matvec, v, estimators.positive_part, num_iters=QUAD_STEPS)
+            ),
+            QUAD_STEPS,
+        ),
         "block_hvp": lambda: (
             float(jnp.sum(block(block_product(part.restrict(v)), 0)["classifier"][1]["bias"])),
             1,
         ),
+        "loss": lambda: (float(block(loss_call(params, batch), 0)), 1),
     }
     info = {
         "loss": float(jax.jit(loss)(params, batch)),
@@ -183,7 +228,7 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int):
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0]),
     }
-    return info, {t: runs[t] for t in tasks + ("block_hvp",) if t in runs}
+    return info, {t: runs[t] for t in tasks + ("block_hvp", "hvp", "loss") if t in runs}
 
 
 def _density(estimators, matvec, params, key):
@@ -456,13 +501,20 @@ def _write(args, argv, cache, info, rounds_j, loads, torch_info, rounds_t) -> di
     import hessjax.experiment as hexp
 
     summary = _summarise(rounds_j)
-    for name in ("measure_canonical", "measure_reference"):  # per-example block products
+    for name in ("measure_canonical", "measure_reference", "layer_traces"):  # block products
         if name in summary:
             ratios = [
                 r[name]["s"] / (r[name]["products"] * r["block_hvp"]["s"]) for r in rounds_j[1:]
             ]
             summary[name]["ratio_to_products"] = statistics.median(ratios) if ratios else None
             summary[name]["product"] = "one per-example block product (block_hvp)"
+    if "noise_stability" in summary:  # products and 2 x draws + 1 losses
+        budget = lambda r: NOISE_PROBES * r["hvp"]["s"] + (2 * NOISE_DRAWS + 1) * r["loss"]["s"]
+        ratios = [r["noise_stability"]["s"] / budget(r) for r in rounds_j[1:]]
+        summary["noise_stability"]["ratio_to_products"] = (
+            statistics.median(ratios) if ratios else None
+        )
+        summary["noise_stability"]["product"] = "4 products + 9 loss evaluations"
     result = {
         "benchmark": "hessjax vs PyTorch Hessian tools, MobileNetV2 32x32 batch 32",
         "command": " ".join(

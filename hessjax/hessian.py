@@ -162,10 +162,7 @@ def hvp_fn(loss_fn: Callable[..., jax.Array], params: PyTree, *args: Any) -> Mat
       Ju, Li & Zhang, ICML 2022; JAX autodiff cookbook (``jax.linearize``).
     """
     check_scalar_loss(loss_fn, params, *args)
-    grad = lambda p, *a: jax.grad(loss_fn)(p, *a)
-    linear = _compiled_linearize(grad, params, args)
-    if linear is None:  # traced params or args: linearise in the enclosing trace
-        linear = jax.linearize(lambda p: grad(p, *args), params)[1]
+    linear = _linearized(lambda p: jax.grad(loss_fn)(p, *args), params)
 
     def matvec(v: PyTree) -> PyTree:
         check_like(params, v, "v")
@@ -174,25 +171,29 @@ def hvp_fn(loss_fn: Callable[..., jax.Array], params: PyTree, *args: Any) -> Mat
     return matvec
 
 
-def _compiled_linearize(grad: Callable, params: PyTree, args: tuple) -> Callable | None:
-    """``jax.linearize(grad, params)[1]`` with its residuals computed by ONE compiled program.
+def _linearized(fn: Callable, point: PyTree) -> Callable:
+    """``jax.linearize(fn, point)[1]``, its residuals computed by ONE compiled program.
 
-    The program returns the constants of the linear map's jaxpr (the residuals); the map is
-    that jaxpr evaluated on them. ``None`` under a trace (the caller linearises in place).
+    Outside a trace, a program (:func:`hessjax.mapping.compile_once`: compiled once per
+    computation and shapes, whatever ``fn`` closes over) returns the constants of the linear
+    map's jaxpr (the residuals), and the map is that jaxpr evaluated on them; ``jax.linearize``
+    itself would run the forward and backward passes op by op (MobileNetV2 at 32x32, batch
+    32: 46 s). Under a trace (``point`` or the closure of ``fn`` traced) it is
+    ``jax.linearize`` in that trace.
     """
-    like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), params)
+    like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), point)
     shape: dict[str, Any] = {}
 
-    def residuals(p):  # args are closed over: compile_once passes their arrays as arguments
-        linear = jax.linearize(lambda q: grad(q, *args), p)[1]
+    def residuals(p):  # what fn closes over becomes arguments of the program (compile_once)
+        linear = jax.linearize(fn, p)[1]
         closed, out = jax.make_jaxpr(linear, return_shape=True)(like)
         shape["jaxpr"], shape["out"] = closed.jaxpr, jax.tree_util.tree_structure(out)
         return list(closed.consts)
 
-    call = compile_once(residuals, params)
+    call = compile_once(residuals, point)
     if call is None:
-        return None
-    consts = call(params)
+        return jax.linearize(fn, point)[1]
+    consts = call(point)
     jaxpr, out_tree = shape["jaxpr"], shape["out"]
 
     def linear(v: PyTree) -> PyTree:
@@ -313,7 +314,7 @@ def block_hvp_fn(
 
     # Differentiate w.r.t. the partition's leaves only: the other leaves are constants, so the
     # forward tangents start at the first selected layer and the backward pass stops there.
-    _, linear = jax.linearize(jax.grad(loss_of_selected), [leaves[j] for j in selected])
+    linear = _linearized(jax.grad(loss_of_selected), [leaves[j] for j in selected])
 
     def blocks(v: PyTree) -> PyTree:
         check_like(params, v, "v")
@@ -416,7 +417,7 @@ def layer_hvp_fn(
         raise ValueError(f"layer must be an int in [0, {partition.num_layers}), got {layer!r}")
     idx = partition.layer_leaves(layer)
     loss_of_layer = _layer_loss(loss_fn, leaves, partition.treedef, idx, args)
-    _, linear = jax.linearize(jax.grad(loss_of_layer), [leaves[j] for j in idx])
+    linear = _linearized(jax.grad(loss_of_layer), [leaves[j] for j in idx])
     return linear
 
 

@@ -111,7 +111,11 @@ def layer_traces(
     Then ``max_x`` (the Corollary's ``max Tr[H_i^+]``) and the mean over examples.
 
     Cost: ``num_probes * num_iters * L`` HVPs per example (``num_probes * L`` for the
-    identity, which needs no Lanczos), vmapped over ``chunk_size`` examples.
+    identity, which needs no Lanczos), vmapped over ``chunk_size`` examples, all in one
+    compiled program. Unlike the estimators on a batch loss this stays one program on CPU:
+    on MobileNetV2's later blocks (14 layers, 2 examples, 2 probes x 4 steps) it ran in 0.55x
+    the time of its 16 per-example block products called one by one (layers and examples
+    vmapped, the linearisation fused), and a Python loop over compiled steps took 2.8x.
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar`` for ONE example.
@@ -251,7 +255,10 @@ def noise_stability(
     ``Tr H`` is estimated by Hutchinson with ``num_probes`` probes. The reference code uses
     ``sigma = 1e-3`` and 20 plain draws.
 
-    Cost: ``2 * num_draws`` loss evaluations and ``num_probes`` HVPs.
+    Cost: ``2 * num_draws`` loss evaluations and ``num_probes`` HVPs, in one compiled
+    program (MobileNetV2 at 32x32, batch 32, 4 draws and 4 probes: 1.7 s, 1.6x its products
+    and losses called one by one; a Python loop over compiled steps took 6.6 s, most of it
+    tracing the linearisation anew per call).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar`` (a batch loss).
