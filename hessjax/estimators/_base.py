@@ -93,13 +93,18 @@ def random_tree(
 
     One draw for all leaves (one random-bits kernel: much cheaper to compile than one per
     leaf), sliced into the leaves in leaf order. ``kind`` is ``"rademacher"`` or ``"normal"``.
+    Rademacher signs are the bits of 32-bit random words, 32 signs per word (exactly
+    independent fair signs): a uniform float per sign cost MobileNetV2's 2.2M parameters
+    about 25 ms per probe on CPU, a tenth of a Hessian-vector product.
     """
     leaves, treedef = jax.tree_util.tree_flatten(like)
     sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]
     dtype = jnp.result_type(*leaves)
     shape = (num, sum(sizes))
     if kind == "rademacher":
-        flat = jax.random.rademacher(key, shape, dtype)
+        words = jax.random.bits(key, (num, -(-shape[1] // 32)), jnp.uint32)
+        bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+        flat = (2 * bits.reshape(num, -1)[:, : shape[1]].astype(jnp.int32) - 1).astype(dtype)
     else:
         flat = jax.random.normal(key, shape, dtype)
     out, start = [], 0
