@@ -93,6 +93,24 @@ def test_noisy_labels_smoke(tmp_path):
     assert not gone.exists() and (tmp_path / "config.json").read_text() == config
 
 
+def test_noisy_labels_grids_override_the_preset(tmp_path):
+    """--grids replaces a method's search grid (with --widen 0 beside it); nothing trains with
+    --summary-only, so every tuning run of the new grid is listed as missing. (Whether --widen
+    stops the widening needs trained runs: the smoke test covers widening itself.)"""
+    mod = _load("noisy_labels")
+    grids = '{"robust": {"radius": [0.5, 2.0], "head_radius": [3.0]}}'
+    out = mod.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress", "--summary-only",
+                    "--methods", "robust", "--grids", grids, "--widen", "0"])  # fmt: skip
+    robust = out["protocol"]["symmetric0.4"]["robust"]
+    assert robust["grid"]["radius"] == [0.5, 2.0] and robust["grid"]["head_radius"] == [3.0]
+    trials = [m for m in out["missing"] if isinstance(m, dict)]  # the untrained tuning runs
+    assert sorted(m["radius"] for m in trials) == [0.5, 2.0]
+    assert all(m["head_radius"] == 3.0 and m["method"] == "robust" for m in trials)
+    assert out["results"] == [] and out["partial"]
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--grids", "{not json"])
+
+
 def test_spectrum_smoke(tmp_path):
     mod = _load("spectrum")
     mod.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress"])
