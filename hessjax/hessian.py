@@ -140,8 +140,10 @@ def hvp_fn(loss_fn: Callable[..., jax.Array], params: PyTree, *args: Any) -> Mat
     of 2x. Memory: the residuals of the linearisation stay alive as long as the returned
     function does. Outside ``jit`` the linearisation runs as ONE compiled program
     (:func:`hessjax.mapping.compile_once`: compiled once per computation and shapes, shared
-    by later calls at other params or batches) instead of op by op: MobileNetV2 at 32x32,
-    batch 32, took 46 s eagerly. Inside ``jit`` it is traced as usual.
+    by later calls at other params or batches, which retrace it but compile nothing) instead
+    of op by op: MobileNetV2 at 32x32, batch 32, 21 s in a first process (compile included)
+    and 4 s in a later call (the retrace), against 46 s eagerly. Inside ``jit`` it is traced
+    as usual.
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar``.
@@ -182,19 +184,19 @@ def _linearized(fn: Callable, point: PyTree) -> Callable:
     ``jax.linearize`` in that trace.
     """
     like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), point)
-    shape: dict[str, Any] = {}
+    traced: dict[str, Any] = {}  # the linear map's jaxpr and output tree, set while tracing
 
     def residuals(p):  # what fn closes over becomes arguments of the program (compile_once)
         linear = jax.linearize(fn, p)[1]
         closed, out = jax.make_jaxpr(linear, return_shape=True)(like)
-        shape["jaxpr"], shape["out"] = closed.jaxpr, jax.tree_util.tree_structure(out)
+        traced["jaxpr"], traced["out"] = closed.jaxpr, jax.tree_util.tree_structure(out)
         return list(closed.consts)
 
     call = compile_once(residuals, point)
     if call is None:
         return jax.linearize(fn, point)[1]
     consts = call(point)
-    jaxpr, out_tree = shape["jaxpr"], shape["out"]
+    jaxpr, out_tree = traced["jaxpr"], traced["out"]
 
     def linear(v: PyTree) -> PyTree:
         out = jax.core.eval_jaxpr(jaxpr, consts, *jax.tree_util.tree_leaves(v))

@@ -94,8 +94,9 @@ def random_tree(
     One draw for all leaves (one random-bits kernel: much cheaper to compile than one per
     leaf), sliced into the leaves in leaf order. ``kind`` is ``"rademacher"`` or ``"normal"``.
     Rademacher signs are the bits of 32-bit random words, 32 signs per word (exactly
-    independent fair signs): a uniform float per sign cost MobileNetV2's 2.2M parameters
-    about 25 ms per probe on CPU, a tenth of a Hessian-vector product.
+    independent fair signs): for MobileNetV2's 2.2M parameters on CPU, 7 ms per probe against
+    50 ms for ``jax.random.rademacher`` (a uniform float per sign), which was a quarter of a
+    Hessian-vector product.
     """
     leaves, treedef = jax.tree_util.tree_flatten(like)
     sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]

@@ -222,8 +222,7 @@ def _flat_host(
     first = np.int32(0)
     hq = product(tree(q))
     prepare = compile_once(prepare, first, scalars, hq, q, q)
-    shapes = jax.eval_shape(prepare, first, scalars, hq, q, q)
-    finish = compile_once(finish, first, scalars, shapes[0], shapes[1], shapes[2])
+    finish_step = None  # compiled at its first call
     projections = {}  # number of filled blocks -> the compiled pass
     q_prev = jnp.zeros_like(q)
     for j in range(num_iters):
@@ -236,7 +235,9 @@ def _flat_host(
         w, after = projections[filled](blocks[:filled], w)
         if float(after[()]) < _DGKS * float(before[()]):
             w, _ = projections[filled](blocks[:filled], w)
-        scalars, q_next = finish(np.int32(j), scalars, w, alpha, scale)
+        if finish_step is None:
+            finish_step = compile_once(finish, np.int32(j), scalars, w, alpha, scale)
+        scalars, q_next = finish_step(np.int32(j), scalars, w, alpha, scale)
         if j + 1 < num_iters:
             b, i = divmod(j + 1, _BLOCK)
             blocks[b] = put(blocks[b], np.int32(i), q_next)

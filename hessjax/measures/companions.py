@@ -256,9 +256,9 @@ def noise_stability(
     ``sigma = 1e-3`` and 20 plain draws.
 
     Cost: ``2 * num_draws`` loss evaluations and ``num_probes`` HVPs, in one compiled
-    program (MobileNetV2 at 32x32, batch 32, 4 draws and 4 probes: 1.7 s, 1.6x its products
-    and losses called one by one; a Python loop over compiled steps took 6.6 s, most of it
-    tracing the linearisation anew per call).
+    program (MobileNetV2 at 32x32, batch 32, 4 draws and 4 probes: 1.7-2.1 s, 1.6-2.1x its
+    products and losses called one by one; a Python loop over compiled steps took 6.6 s, of
+    which about 4 s retraced the linearisation).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar`` (a batch loss).
