@@ -144,3 +144,47 @@ def test_noisy_labels_presets_make_valid_run_configs(tmp_path):
             hp = {k: START.get(k, v[0]) for k, v in grids[method].items()} | {"method": method}
             cfg = RunConfig.from_dict(mod.run_config(c, tmp_path, c["noises"][0], hp, 1))
             assert cfg.early_stopping and cfg.patience == c["patience"], (name, method)
+
+
+def test_bound_selection_smoke(tmp_path):
+    """Per seed: bound-selected = argmin of select_by_bound's bounds, validation-selected = argmax
+    of clean val accuracy over the same final checkpoints, oracle = argmax of test accuracy."""
+    mod = _load("bound_selection")
+    mod.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress"])
+    metrics = _common(tmp_path)
+    c = mod.PRESETS["smoke"]
+    assert [s["seed"] for s in metrics["seeds"]] == c["seeds"] and not metrics["partial"]
+    for s in metrics["seeds"]:
+        sel = json.loads((tmp_path / "runs" / f"seed{s['seed']}" / "select.json").read_text())
+        assert [r["candidate"] for r in sel["table"]] == c["grid"]
+        bounds = [r["bound"] for r in sel["table"]]
+        val = [r["reported"]["val_accuracy"] for r in sel["table"]]
+        test = [r["reported"]["test_accuracy"] for r in sel["table"]]
+        picks = s["picks"]
+        assert picks["bound"]["index"] == bounds.index(min(bounds)) == sel["chosen_index"]
+        assert picks["validation"]["index"] == val.index(max(val))  # ties: the first
+        assert picks["oracle"]["index"] == test.index(max(test))
+        assert picks["bound"]["test_accuracy"] == test[picks["bound"]["index"]]
+        for r in sel["table"]:  # final checkpoints, no early stopping, T symmetric at 0.4
+            run = json.loads((Path(r["run"]) / "config.json").read_text())
+            assert not run["early_stopping"] and run["seed"] == s["seed"]
+            assert run["transition"] == "symmetric" and run["assumed_rate"] == 0.4
+            assert r["n"] == run["n_per_class"] * 10  # the measure over every training example
+        for k in ("spearman_bound_test_loss", "spearman_bound_test_error"):
+            assert s[k] is None or -1 - 1e-9 <= s[k] <= 1 + 1e-9
+    summary = metrics["summary"]
+    assert set(summary["test_accuracy"]) == {"bound", "validation", "oracle"}
+    for pick, counts in summary["counts"].items():
+        assert sum(counts.values()) == len(c["seeds"]), pick
+    d = summary["paired"]["bound-validation"]
+    assert d["n"] == len(c["seeds"]) and d["low"] <= d["mean"] <= d["high"]
+    assert summary["test_accuracy"]["oracle"]["mean"] >= summary["test_accuracy"]["bound"]["mean"]
+    assert len(summary["per_candidate"]) == len(c["grid"])
+    # --summary-only re-tabulates without training; a seed without its select.json is missing
+    config = (tmp_path / "config.json").read_text()
+    (tmp_path / "runs" / "seed2" / "select.json").unlink()
+    again = mod.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress",
+                      "--summary-only"])  # fmt: skip
+    assert again["partial"] and again["missing_seeds"] == [2]
+    assert again["seeds"] == metrics["seeds"][:1]
+    assert (tmp_path / "config.json").read_text() == config
