@@ -13,6 +13,10 @@ candidates are picked:
 * **oracle (test)-selected**: the largest clean test accuracy. A REFERENCE LINE ONLY: it reads
   the test set, so it is no selection method; it shows how much the grid leaves on the table.
 
+A fourth pick, a DIAGNOSTIC only (not the issue's criterion): the smallest bound of the plain
+cross-entropy on the noisy labels (training CE + ``sqrt(c0)`` x the same measure), to tell the
+measure term's preference from the backward-corrected loss's, which is unbounded below.
+
 Reported: the clean test accuracy of each pick (mean +- sample std over seeds), the paired (by
 seed) difference bound - validation with a 95% t interval (the issue's target: within 1 point
 on average), how often each candidate is picked, and per seed the Spearman correlation across
@@ -100,7 +104,11 @@ PRESETS = {
     | dict(seeds=[1, 2, 3, 4, 5], grid=_grid((0.0625, 0.25, 1.0, 4.0))),
 }  # fmt: skip
 PRESETS["cpu"] = PRESETS["cpu_partial"]
-_PICKS = ("bound", "validation", "oracle")
+# a DIAGNOSTIC pick beside them (not the criterion): the Theorem-2.1 bound of the
+# plain cross-entropy on the NOISY labels, train CE + sqrt(c0) x measure (c0: the clip level,
+# the largest training CE over every label), i.e. the same measure without the backward
+# correction's loss, which is unbounded below; it bounds the noisy-label risk, not the clean one
+_PICKS = ("bound", "validation", "oracle", "noisy_ce_bound")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -156,8 +164,9 @@ def per_seed(selection: dict, seed: int) -> dict:
     val = [r["reported"]["val_accuracy"] for r in table]
     test = [r["reported"]["test_accuracy"] for r in table]
     loss = [r["reported"]["test_loss"] for r in table]
+    noisy = [r["train_ce_noisy"] + float(np.sqrt(r["clip"])) * r["measure"] for r in table]
     idx = {"bound": int(np.argmin(bounds)), "validation": _first_argmax(val),
-           "oracle": _first_argmax(test)}  # fmt: skip
+           "oracle": _first_argmax(test), "noisy_ce_bound": int(np.argmin(noisy))}  # fmt: skip
     assert idx["bound"] == selection["chosen_index"], "select_by_bound chose another candidate"
     picks = {k: dict(index=i, candidate=table[i]["candidate"], name=name(table[i]["candidate"]),
                      test_accuracy=test[i], val_accuracy=val[i], bound=bounds[i])
@@ -165,9 +174,11 @@ def per_seed(selection: dict, seed: int) -> dict:
     candidates = [dict(candidate=r["candidate"], name=name(r["candidate"]), bound=r["bound"],
                        train_loss=r["train_loss"], measure=r["measure"], C=r["C"],
                        measure_term=float(np.sqrt(r["C"]) * r["measure"]),
+                       train_ce_noisy=r["train_ce_noisy"], clip=r["clip"], noisy_ce_bound=nb,
                        measure_exact=r["measure_exact"], val_accuracy=v, test_accuracy=t,
                        test_loss=lo)
-                  for r, v, t, lo in zip(table, val, test, loss, strict=True)]  # fmt: skip
+                  for r, v, t, lo, nb in zip(table, val, test, loss, noisy,
+                                             strict=True)]  # fmt: skip
     return dict(
         seed=seed,
         picks=picks,
@@ -191,7 +202,9 @@ def summarize(seeds: list[dict], grid: list[dict]) -> dict:
         return {}
     acc = {k: [s["picks"][k]["test_accuracy"] for s in seeds] for k in _PICKS}
     paired = {}
-    for a, b in (("bound", "validation"), ("bound", "oracle"), ("validation", "oracle")):
+    pairs = (("bound", "validation"), ("bound", "oracle"), ("validation", "oracle"),
+             ("noisy_ce_bound", "validation"))  # fmt: skip
+    for a, b in pairs:
         paired[f"{a}-{b}"] = (hexp.paired_difference(acc[a], acc[b]) if len(seeds) >= 2
                               else None)  # fmt: skip
     names = [name(c) for c in grid]
@@ -203,7 +216,8 @@ def summarize(seeds: list[dict], grid: list[dict]) -> dict:
         per_cand.append(dict(name=n, candidate=grid[i], **{
             f: _mean_std([r[f] for r in rows])["mean"]
             for f in ("bound", "train_loss", "measure", "measure_term", "C", "val_accuracy",
-                      "test_accuracy", "test_loss")}))  # fmt: skip
+                      "test_accuracy", "test_loss", "train_ce_noisy", "clip",
+                      "noisy_ce_bound")}))  # fmt: skip
     rho = {f: [s[f] for s in seeds if s[f] is not None]
            for f in ("spearman_bound_test_loss", "spearman_bound_test_error",
                      "spearman_val_test_accuracy")}  # fmt: skip
@@ -240,7 +254,8 @@ def table(seeds: list[dict], summary: dict) -> str:
     lines += ["", "| pick | clean test accuracy % (mean +- std) | seeds |", "|---|---|---|"]
     for k, label in (("bound", "bound-selected (training data only)"),
                      ("validation", "validation-selected (clean val)"),
-                     ("oracle", "oracle, test-selected (REFERENCE ONLY)")):  # fmt: skip
+                     ("oracle", "oracle, test-selected (REFERENCE ONLY)"),
+                     ("noisy_ce_bound", "diagnostic: noisy-CE bound (no criterion)")):  # fmt: skip
         lines.append(f"| {label} | {100 * ta[k]['mean']:.1f} +- {100 * ta[k]['std']:.1f} | "
                      f"{ta[k]['n']} |")  # fmt: skip
     lines += ["", "| paired by seed | mean (points) | 95% t interval | n |", "|---|---|---|---|"]
@@ -249,8 +264,9 @@ def table(seeds: list[dict], summary: dict) -> str:
             ci = f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
             lines.append(f"| {key} | {100 * d['mean']:+.1f} | {ci} | {d['n']} |")
     lines += ["", "| candidate | bound | train loss (backward) | sqrt(C) x measure | measure | "
-              "val % | test % | picked by bound / val / oracle |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "val % | test % | noisy-CE bound (diagnostic) | "
+              "picked by bound / val / oracle / noisy-CE bound |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     cnt = summary["counts"]
     for r in summary["per_candidate"]:
         n = r["name"]
@@ -258,7 +274,7 @@ def table(seeds: list[dict], summary: dict) -> str:
         lines.append(f"| {n} | {r['bound']:.3g} | {r['train_loss']:.3f} | "
                      f"{r['measure_term']:.3g} | {r['measure']:.3g} | "
                      f"{100 * r['val_accuracy']:.1f} | {100 * r['test_accuracy']:.1f} | "
-                     f"{picked} |")  # fmt: skip
+                     f"{r['noisy_ce_bound']:.3g} | {picked} |")  # fmt: skip
     return "\n".join(lines)
 
 

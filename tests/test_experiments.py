@@ -165,6 +165,8 @@ def test_bound_selection_smoke(tmp_path):
         assert picks["validation"]["index"] == val.index(max(val))  # ties: the first
         assert picks["oracle"]["index"] == test.index(max(test))
         assert picks["bound"]["test_accuracy"] == test[picks["bound"]["index"]]
+        noisy = [r["train_ce_noisy"] + math.sqrt(r["clip"]) * r["measure"] for r in sel["table"]]
+        assert picks["noisy_ce_bound"]["index"] == noisy.index(min(noisy))  # the diagnostic
         for r in sel["table"]:  # final checkpoints, no early stopping, T symmetric at 0.4
             run = json.loads((Path(r["run"]) / "config.json").read_text())
             assert not run["early_stopping"] and run["seed"] == s["seed"]
@@ -173,7 +175,7 @@ def test_bound_selection_smoke(tmp_path):
         for k in ("spearman_bound_test_loss", "spearman_bound_test_error"):
             assert s[k] is None or -1 - 1e-9 <= s[k] <= 1 + 1e-9
     summary = metrics["summary"]
-    assert set(summary["test_accuracy"]) == {"bound", "validation", "oracle"}
+    assert set(summary["test_accuracy"]) == {"bound", "validation", "oracle", "noisy_ce_bound"}
     for pick, counts in summary["counts"].items():
         assert sum(counts.values()) == len(c["seeds"]), pick
     d = summary["paired"]["bound-validation"]
