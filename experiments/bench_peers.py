@@ -72,6 +72,8 @@ TASKS = (
     "quadform",
 )
 BATCH, IMAGE, CLASSES, SEED = 32, 32, 10, 0
+MODELS = ("mobilenet_v2", "mlp", "minilm")
+MLP_BATCH, TEXT_BATCH, TEXT_LENGTH = 256, 16, 64
 NUM_PROBES, HUTCHPP, TOP1_STEPS, TOP5_STEPS = 100, 99, 22, 30
 DENSITY_PROBES, DENSITY_STEPS, POWER_ITERS, POWER_TOL = 2, 40, 20, 1e-3
 TRACE_PROBES, TRACE_STEPS, NOISE_DRAWS, NOISE_PROBES, QUAD_STEPS = 2, 4, 4, 4, 20
@@ -95,25 +97,85 @@ def _timed(fn):
 
 
 # --------------------------------------------------------------------------- hessjax side
-def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int):
-    """Returns ``(info, {task: callable -> (value, products)})`` for the hessjax side."""
+def _first(tree) -> float:
+    """The first entry of a pytree's first leaf (a task's printed value)."""
+    import jax
+
+    return float(jax.tree_util.tree_leaves(tree)[0].ravel()[0])
+
+
+def problem(model_name: str, inputs: Path):
+    """``(params, loss, example_loss, batch, later)`` of one benchmark model.
+
+    ``mobilenet_v2``: the ImageNet MobileNetV2 with the shared head and batch of ``inputs``
+    (the torch side's model); measured layers ``features.14-18`` and the head. ``mlp``: a user
+    model of the benchmark's own, 3072-1024-1024-10 with GELU (4.2M parameters, not from the
+    zoo), ``MLP_BATCH`` random 32x32x3 images; measured layers: its three kernels. ``minilm``:
+    all-MiniLM-L6-v2 with a 2-class head (``0.01 N(0, 1)``), ``TEXT_BATCH`` random token
+    sequences of ``TEXT_LENGTH`` tokens, eval mode; measured layers: the last encoder layer's
+    six kernels and the head.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    import hessjax
-    from hessjax import estimators
-    from hessjax.mapping import compile_once
-    from hessjax.models import pretrained_mobilenet_v2
+    rng = np.random.default_rng(SEED)
+    if model_name == "mobilenet_v2":
+        from hessjax.models import pretrained_mobilenet_v2
 
-    data = np.load(inputs)
-    model = pretrained_mobilenet_v2(CLASSES)
-    model.eval()
+        data = np.load(inputs)
+        model = pretrained_mobilenet_v2(CLASSES)
+        model.eval()
+        batch = (jnp.asarray(data["x"]), jnp.asarray(data["y"]))
+
+        def set_head(p):
+            p["classifier"][1]["kernel"] = jnp.asarray(data["head"].T)
+
+        def later(name, leaf):
+            parts = name.split("/")
+            if jnp.ndim(leaf) < 2:
+                return False
+            return parts[0] == "classifier" or (parts[0] == "features" and int(parts[1]) >= 14)
+
+    elif model_name == "mlp":
+
+        class MLP(nnx.Module):
+            def __init__(self, rngs):
+                self.l1 = nnx.Linear(IMAGE * IMAGE * 3, 1024, rngs=rngs)
+                self.l2 = nnx.Linear(1024, 1024, rngs=rngs)
+                self.l3 = nnx.Linear(1024, CLASSES, rngs=rngs)
+
+            def __call__(self, x):
+                x = x.reshape(x.shape[0], -1)
+                return self.l3(jax.nn.gelu(self.l2(jax.nn.gelu(self.l1(x)))))
+
+        model = MLP(nnx.Rngs(SEED))
+        x = rng.standard_normal((MLP_BATCH, IMAGE, IMAGE, 3)).astype(np.float32)
+        batch = (jnp.asarray(x), jnp.asarray(np.arange(MLP_BATCH) % CLASSES, jnp.int32))
+        set_head = lambda p: None
+        later = lambda name, leaf: jnp.ndim(leaf) == 2
+    elif model_name == "minilm":
+        from hessjax.models import bert_classifier, bert_measured_layer
+
+        model = bert_classifier(2)
+        ids = rng.integers(1000, 30000, (TEXT_BATCH, TEXT_LENGTH))
+        x = np.stack([ids, np.ones_like(ids), np.zeros_like(ids)], axis=1).astype(np.int32)
+        batch = (jnp.asarray(x), jnp.asarray(np.arange(TEXT_BATCH) % 2, jnp.int32))
+
+        def set_head(p):
+            k = p["classifier"]["kernel"]
+            p["classifier"]["kernel"] = jnp.asarray(0.01 * rng.standard_normal(k.shape), k.dtype)
+
+        last = f"/layer/{5}/"
+        later = lambda name, leaf: (
+            bert_measured_layer(name) and (name.startswith("classifier") or last in f"/{name}/")
+        )
+    else:
+        raise ValueError(f"model: expected one of {MODELS}, got {model_name!r}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
-    params["classifier"][1]["kernel"] = jnp.asarray(data["head"].T)
-    batch = (jnp.asarray(data["x"]), jnp.asarray(data["y"]))
+    set_head(params)
 
     def logits_fn(p, x):
         return nnx.merge(graphdef, nnx.State(p), rest)(x)
@@ -126,17 +188,25 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int):
         logp = jax.nn.log_softmax(logits_fn(p, example[0][None])[0])
         return -logp[example[1]]
 
+    return params, loss, example_loss, batch, later
+
+
+def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
+                 model_name: str = "mobilenet_v2"):  # fmt: skip
+    """Returns ``(info, {task: callable -> (value, products)})`` for the hessjax side."""
+    import jax
+    import jax.numpy as jnp
+
+    import hessjax
+    from hessjax import estimators
+    from hessjax.mapping import compile_once
+
+    params, loss, example_loss, batch, later = problem(model_name, inputs)
     setup_s, matvec = _timed(lambda: hessjax.hvp_fn(loss, params, batch))
     v = jax.tree_util.tree_map(jnp.ones_like, params)
     product = compile_once(matvec, v)
     key = jax.random.key(SEED)
     block = lambda p, i: jax.block_until_ready(p)
-
-    def later(name, leaf):
-        parts = name.split("/")
-        if jnp.ndim(leaf) < 2:
-            return False
-        return parts[0] == "classifier" or (parts[0] == "features" and int(parts[1]) >= 14)
 
     part = hessjax.layer_partition(params, select=later)
     anchor = jax.tree_util.tree_map(lambda x: x * 0.99, params)
@@ -154,7 +224,7 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int):
     block_product = compile_once(block_mv, part.restrict(v))
     loss_call = compile_once(loss, params, batch)
     runs = {
-        "hvp": lambda: (float(block(product(v), 0)["classifier"][1]["bias"][0]), 1),
+        "hvp": lambda: (_first(block(product(v), 0)), 1),
         "hutchinson": lambda: (
             float(estimators.hutchinson_trace(matvec, params, key, num_probes=NUM_PROBES).value),
             NUM_PROBES,
@@ -213,12 +283,13 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int):
             QUAD_STEPS,
         ),
         "block_hvp": lambda: (
-            float(jnp.sum(block(block_product(part.restrict(v)), 0)["classifier"][1]["bias"])),
+            _first(block(block_product(part.restrict(v)), 0)),
             1,
         ),
         "loss": lambda: (float(block(loss_call(params, batch), 0)), 1),
     }
     info = {
+        "model": model_name,
         "loss": float(jax.jit(loss)(params, batch)),
         "num_params": int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
         "hvp_fn_setup_s": setup_s,
@@ -445,11 +516,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also eigenthings' traces, PyHessian's density")  # fmt: skip
     parser.add_argument("--num-examples", type=int, default=8, help="examples of the measures")
     parser.add_argument("--no-compilation-cache", action="store_true")
+    parser.add_argument("--model", default="mobilenet_v2", choices=MODELS,
+                        help="the hessjax side's model (the torch side: mobilenet_v2 only)")  # fmt: skip
     parser.add_argument(
         "--torch-worker", nargs=2, metavar=("INPUTS", "WEIGHTS"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     tasks = tuple(args.tasks)
+    if args.torch_python and args.model != "mobilenet_v2":
+        parser.error(f"--torch-python: the peers run MobileNetV2 only, not --model {args.model}")
     if args.torch_worker:
         _torch_worker(*args.torch_worker, list(tasks), args.threads, args.all_peers)
         return {}
@@ -471,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
         torch_info = _answer(worker)["info"]
-    info, runs = hessjax_side(inputs, tasks, args.num_examples)
+    info, runs = hessjax_side(inputs, tasks, args.num_examples, args.model)
     rounds_j, rounds_t, loads = [], [], []
     for r in range(args.rounds):
         loads.append(os.getloadavg())
@@ -516,7 +591,7 @@ def _write(args, argv, cache, info, rounds_j, loads, torch_info, rounds_t) -> di
         )
         summary["noise_stability"]["product"] = "4 products + 9 loss evaluations"
     result = {
-        "benchmark": "hessjax vs PyTorch Hessian tools, MobileNetV2 32x32 batch 32",
+        "benchmark": _TITLES[args.model],
         "command": " ".join(
             [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])
         ),
@@ -540,6 +615,13 @@ def _write(args, argv, cache, info, rounds_j, loads, torch_info, rounds_t) -> di
         json.dumps({"hessjax": summary, "speedup": result.get("speedup_vs_fastest_peer")}, indent=1)
     )
     return result
+
+
+_TITLES = {
+    "mobilenet_v2": "hessjax vs PyTorch Hessian tools, MobileNetV2 32x32 batch 32",
+    "mlp": f"hessjax, MLP 3072-1024-1024-10 (GELU), batch {MLP_BATCH}",
+    "minilm": f"hessjax, MiniLM-L6 + 2-class head, batch {TEXT_BATCH} x {TEXT_LENGTH} tokens",
+}
 
 
 def _speedups(ours: dict, peers: dict) -> dict:

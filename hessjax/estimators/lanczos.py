@@ -8,12 +8,12 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from hessjax.estimators._base import (
     Matvec,
@@ -22,14 +22,17 @@ from hessjax.estimators._base import (
     combine_basis,
     compiled_matvec,
     draw_probes,
+    flat_ravel,
+    flat_unravel,
     host_loops,
+    layout,
+    memo_compile,
     probe_layout,
-    run_compiled,
     safe_inverse,
     squeeze_layers,
     tree_dtype,
 )
-from hessjax.mapping import MapFn, compile_once
+from hessjax.mapping import MapFn
 from hessjax.partition import Partition
 
 # Lanczos breakdown: beta_j <= _BREAKDOWN_RTOL * sqrt(num_iters) * eps * scale, where ``scale``
@@ -183,6 +186,20 @@ def _flat_steps(num_iters: int, dtype, ravel: Any) -> tuple:
     return prepare, project, finish
 
 
+def _stack_rows(num_iters: int, unravel: Callable) -> Callable:
+    """``blocks -> the first num_iters rows as stacked pytrees``, by row writes into zeros
+    (no concatenate: slow on XLA:CPU, see :func:`~hessjax.estimators._base.flat_ravel`)."""
+
+    def stack(blocks):
+        rows = blocks[0].shape[0]
+        out = jnp.zeros((len(blocks) * rows, blocks[0].shape[1]), blocks[0].dtype)
+        for b, block in enumerate(blocks):
+            out = jax.lax.dynamic_update_slice_in_dim(out, block, b * rows, 0)
+        return jax.vmap(unravel)(out[:num_iters])
+
+    return stack
+
+
 def _put_row(block: jax.Array, i: jax.Array, row: jax.Array) -> jax.Array:
     """``block`` with row ``i`` set to ``row``; donated, so in place."""
     return jax.lax.dynamic_update_index_in_dim(block, row.astype(block.dtype), i, 0)
@@ -194,10 +211,12 @@ def _flat_host(
     """The host loop of one layer over every leaf, on raveled vectors (see :func:`_flat_steps`):
     per step ``q_j`` as a pytree, the shared product, prepare, one (rarely two) projection
     passes, finish, the row write. Same numbers as the ``lax`` loop to rounding."""
-    flat0, unravel = ravel_pytree(jax.tree_util.tree_map(jnp.zeros_like, v0))
-    ravel = lambda t: ravel_pytree(t)[0]
-    dtype, n = flat0.dtype, flat0.shape[0]
+    leaves = jax.tree_util.tree_leaves(v0)
+    unravel, ravel = flat_unravel(v0), flat_ravel
+    dtype, n = jnp.result_type(*leaves), sum(int(np.size(x)) for x in leaves)
     num_blocks = -(-num_iters // _BLOCK)
+    static = ("lanczos_flat", num_iters, str(jnp.dtype(dtype)), layout(v0))
+    prepare, project, finish = _flat_steps(num_iters, dtype, ravel)
 
     def init(v):
         x = ravel(v)
@@ -207,23 +226,22 @@ def _flat_host(
         scalars = (zeros, zeros, active0, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), dtype))
         return scalars, x * safe_inverse(norm0, active0)
 
-    start = compile_once(init, v0)
+    start = memo_compile(static + ("init",), init, v0)
     product = compiled_matvec(matvec, v0)
     if start is None or product is None:
         return None
     scalars, q = start(v0)
     block = jnp.zeros((_BLOCK, n), dtype)
-    put = compile_once(_put_row, block, np.int32(0), q, donate_argnums=(0,))
+    put = memo_compile(static + ("put",), _put_row, block, np.int32(0), q, donate_argnums=(0,))
     blocks = [put(block, np.int32(0), q)] + [
         jnp.zeros((_BLOCK, n), dtype) for _ in range(1, num_blocks)
     ]
-    tree = compile_once(unravel, q)
-    prepare, project, finish = _flat_steps(num_iters, dtype, ravel)
+    tree = memo_compile(static + ("unravel",), unravel, q)
     first = np.int32(0)
     hq = product(tree(q))
-    prepare = compile_once(prepare, first, scalars, hq, q, q)
-    finish_step = None  # compiled at its first call
-    projections = {}  # number of filled blocks -> the compiled pass
+    prepare = memo_compile(static + ("prepare",), prepare, first, scalars, hq, q, q)
+    finish_step = None  # compiled (or found) at its first call
+    projections = {}  # number of filled blocks -> the pass
     q_prev = jnp.zeros_like(q)
     for j in range(num_iters):
         filled = j // _BLOCK + 1
@@ -231,12 +249,16 @@ def _flat_host(
             hq = product(tree(q))
         w, alpha, scale, before = prepare(np.int32(j), scalars, hq, q, q_prev)
         if filled not in projections:
-            projections[filled] = compile_once(project, blocks[:filled], w)
+            projections[filled] = memo_compile(
+                static + ("project",), project, blocks[:filled], w
+            )  # fmt: skip
         w, after = projections[filled](blocks[:filled], w)
         if float(after[()]) < _DGKS * float(before[()]):
             w, _ = projections[filled](blocks[:filled], w)
         if finish_step is None:
-            finish_step = compile_once(finish, np.int32(j), scalars, w, alpha, scale)
+            finish_step = memo_compile(
+                static + ("finish",), finish, np.int32(j), scalars, w, alpha, scale
+            )  # fmt: skip
         scalars, q_next = finish_step(np.int32(j), scalars, w, alpha, scale)
         if j + 1 < num_iters:
             b, i = divmod(j + 1, _BLOCK)
@@ -245,7 +267,7 @@ def _flat_host(
     alphas, betas, _, num_valid, _ = scalars
     basis = None  # not asked for: the blocks are never copied into a pytree
     if keep_basis:
-        basis = run_compiled(lambda bs: jax.vmap(unravel)(jnp.concatenate(bs)[:num_iters]), blocks)
+        basis = memo_compile(static + ("basis",), _stack_rows(num_iters, unravel), blocks)(blocks)
     return LanczosResult(alphas.T, betas.T, basis, num_valid)
 
 
@@ -262,19 +284,21 @@ def _lanczos_host(
         and len({jnp.result_type(x) for x in leaves}) == 1
     ):
         return _flat_host(matvec, v0, num_iters, part, keep_basis)
-    next_vector = _lanczos_next(part, num_iters, tree_dtype(v0))
-    init = compile_once(lambda v: _lanczos_init(v, num_iters, part), v0)
+    dtype = tree_dtype(v0)
+    next_vector = _lanczos_next(part, num_iters, dtype)
+    static = ("lanczos_layers", num_iters, str(jnp.dtype(dtype)), part)
+    init = memo_compile(static + ("init",), lambda v: _lanczos_init(v, num_iters, part), v0)
     product = compiled_matvec(matvec, v0)
     if init is None or product is None:
         return None
     state = init(v0)
     first = np.int32(0)
-    row = compile_once(_row, state[0], first)
+    row = memo_compile(static + ("row",), _row, state[0], first)
     w = product(row(state[0], first))
     # the basis is read by one program and its new row written by another (donated): XLA:CPU
     # copies an array that one program both reads and updates (see _flat_steps)
-    step = compile_once(next_vector, first, state, w)
-    put = compile_once(_put_rows, state[0], first, w, donate_argnums=(0,))
+    step = memo_compile(static + ("step",), next_vector, first, state, w)
+    put = memo_compile(static + ("put",), _put_rows, state[0], first, w, donate_argnums=(0,))
     for j in range(num_iters):
         j = np.int32(j)
         if j:
@@ -488,12 +512,12 @@ def eigenvalues(
         raise ValueError(f"num_iters must be >= k={k}, got {num_iters}")
     num_iters = min(num_iters, max(part.sizes))
 
-    v0 = jax.tree_util.tree_map(lambda x: x[0], draw_probes(key, like, part, 1, "normal"))
+    v0 = draw_probes(key, like, part, 1, "normal", single=True)
     host = host_loops(map_fn, key)
     res = lanczos_run(matvec, v0, num_iters, part, host=host, keep_basis=return_vectors)
-    return run_compiled(
-        lambda res: _pick_eigen(res, part, k, which, return_vectors, per_layer), res
-    )
+    pick = lambda res: _pick_eigen(res, part, k, which, return_vectors, per_layer)
+    call = memo_compile(("pick_eigen", part, k, which, return_vectors, per_layer), pick, res)
+    return pick(res) if call is None else call(res)
 
 
 def _pick_eigen(

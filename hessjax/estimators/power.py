@@ -10,7 +10,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from hessjax.estimators._base import (
     Matvec,
@@ -18,6 +17,8 @@ from hessjax.estimators._base import (
     check_int,
     compiled_matvec,
     draw_probes,
+    flat_ravel,
+    flat_unravel,
     host_loops,
     probe_layout,
     run_compiled,
@@ -90,8 +91,10 @@ def power_iteration(
     leaves = jax.tree_util.tree_leaves(like)
     flat = host and len({jnp.result_type(x) for x in leaves}) == 1
     if flat:  # the host loop on raveled vectors: a few large ops, not several per leaf
-        zeros, unravel = ravel_pytree(jax.tree_util.tree_map(jnp.zeros_like, like))
-        ravel = lambda t: ravel_pytree(t)[0]
+        n = sum(int(np.size(x)) for x in leaves)
+        zeros = jax.ShapeDtypeStruct((n,), jnp.result_type(*leaves))
+        unravel = flat_unravel(like)
+        ravel = flat_ravel
         flat_part, _ = probe_layout(zeros, None, "like")
         dot = lambda x, y: jnp.dot(x, y)
     else:

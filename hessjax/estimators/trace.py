@@ -20,6 +20,7 @@ from hessjax.estimators._base import (
     check_chunk,
     check_int,
     draw_probes,
+    flat_ravel,
     host_loops,
     host_rows,
     map_probes,
@@ -170,7 +171,7 @@ def hutchpp_trace(
     g = num_probes - 2 * s
 
     host = host_loops(map_fn, key)
-    ravel = lambda hv: ravel_pytree(hv)[0].astype(dtype)
+    ravel = lambda hv: flat_ravel(hv, dtype)
 
     def apply(rows: jax.Array) -> jax.Array:  # (m, n) -> (m, n): H applied to every row
         if host:

@@ -126,3 +126,51 @@ def test_host_map_matches_chunked_vmap():
         np.testing.assert_allclose(
             host_map(fn, xs, chunk_size=chunk), chunked_vmap(fn, xs, chunk_size=chunk), rtol=1e-6
         )
+
+
+def test_second_lanczos_call_traces_nothing(monkeypatch):
+    """The host loop's vector programs are memoised on their layout (``memo_compile``): a
+    second call with the same matvec traces no program at all; a fresh matvec only its
+    product."""
+    from hessjax.estimators import _base
+
+    params, matvec = _problem(0)
+    call = CALLS["eigenvalues"]
+    first = np.asarray(call(matvec, params, jax.random.key(0)))
+    traced = []
+    real = _base.compile_once
+    monkeypatch.setattr(
+        _base, "compile_once", lambda fn, *a, **k: traced.append(fn) or real(fn, *a, **k)
+    )
+    again = np.asarray(call(matvec, params, jax.random.key(0)))
+    assert traced == []
+    np.testing.assert_array_equal(again, first)
+    params2, matvec2 = _problem(1)
+    call(matvec2, params2, jax.random.key(0))
+    assert traced == [matvec2]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("jit", [False, True])
+def test_flat_ravel_and_unravel_match_ravel_pytree(dtype, jit):
+    from jax.flatten_util import ravel_pytree
+
+    from hessjax.estimators._base import flat_ravel, flat_unravel
+
+    with jax.enable_x64(dtype == jnp.float64):
+        keys = jax.random.split(jax.random.key(0), 3)
+        tree = {
+            "a": jax.random.normal(keys[0], (3, 4), dtype),
+            "b": [jax.random.normal(keys[1], (5,), dtype), jnp.zeros((0, 2), dtype)],
+            "c": jax.random.normal(keys[2], (), dtype),
+        }
+        ravel = jax.jit(flat_ravel) if jit else flat_ravel
+        flat = ravel(tree)
+        ref, ref_unravel = ravel_pytree(tree)
+        assert flat.dtype == ref.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(flat), np.asarray(ref))
+        shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+        unravel = flat_unravel(shapes)
+        back = (jax.jit(unravel) if jit else unravel)(flat)
+        chex.assert_trees_all_equal(back, ref_unravel(ref), tree)
+        chex.assert_trees_all_equal_dtypes(back, tree)
