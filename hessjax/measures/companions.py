@@ -305,13 +305,21 @@ def noise_stability(
 def _noise_stability(loss_fn, params, batch, key, sigma, partition, *, num_draws, num_probes):
     draw_key, probe_key = jax.random.split(key)
     leaves, treedef = jax.tree_util.tree_flatten(params)
+    sizes = [int(np.size(x)) for x in leaves]
+    starts = np.cumsum([0] + sizes[:-1]).tolist()
+    dtype = jnp.result_type(*leaves)
     base = loss_fn(params, batch)
 
     def perturbed(k):
-        keys = jax.random.split(k, len(leaves))
+        # one Gaussian draw for all leaves, sliced into them (zero off the layers): one random
+        # kernel instead of one per leaf, which made the compile of MobileNetV2's 158 leaves
+        # take about 2 minutes
+        flat = jax.random.normal(k, (sum(sizes),), dtype)
         noise = [
-            sigma * jax.random.normal(kk, jnp.shape(x), x.dtype) if g >= 0 else jnp.zeros_like(x)
-            for x, kk, g in zip(leaves, keys, partition.leaf_layer, strict=True)
+            sigma * flat[a : a + m].reshape(jnp.shape(x)).astype(x.dtype)
+            if g >= 0
+            else jnp.zeros_like(x)
+            for x, a, m, g in zip(leaves, starts, sizes, partition.leaf_layer, strict=True)
         ]
         plus = [x + u for x, u in zip(leaves, noise, strict=True)]
         minus = [x - u for x, u in zip(leaves, noise, strict=True)]
