@@ -108,7 +108,10 @@ PRESETS["cpu"] = PRESETS["cpu_partial"]
 # plain cross-entropy on the NOISY labels, train CE + sqrt(c0) x measure (c0: the clip level,
 # the largest training CE over every label), i.e. the same measure without the backward
 # correction's loss, which is unbounded below; it bounds the noisy-label risk, not the clean one
-_PICKS = ("bound", "validation", "oracle", "noisy_ce_bound")
+# "bound": select_by_bound's choice (its default criterion: the positive part of the
+# backward-corrected loss, ``bound_positive``); "backward_bound": the bound of the
+# backward-corrected loss itself (the paper's consistent loss; unbounded below)
+_PICKS = ("bound", "backward_bound", "validation", "oracle", "noisy_ce_bound")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -160,18 +163,23 @@ def _spearman(x, y) -> float | None:
 def per_seed(selection: dict, seed: int) -> dict:
     """The three picks of one seed's select_by_bound table, and the bound's rank agreement."""
     table = selection["table"]
-    bounds = [r["bound"] for r in table]
+    column = selection.get("criterion_column", "bound")
+    bounds = [r[column] for r in table]
+    backward = [r["bound"] for r in table]
     val = [r["reported"]["val_accuracy"] for r in table]
     test = [r["reported"]["test_accuracy"] for r in table]
     loss = [r["reported"]["test_loss"] for r in table]
     noisy = [r["train_ce_noisy"] + float(np.sqrt(r["clip"])) * r["measure"] for r in table]
-    idx = {"bound": int(np.argmin(bounds)), "validation": _first_argmax(val),
+    idx = {"bound": int(np.argmin(bounds)), "backward_bound": int(np.argmin(backward)),
+           "validation": _first_argmax(val),
            "oracle": _first_argmax(test), "noisy_ce_bound": int(np.argmin(noisy))}  # fmt: skip
     assert idx["bound"] == selection["chosen_index"], "select_by_bound chose another candidate"
     picks = {k: dict(index=i, candidate=table[i]["candidate"], name=name(table[i]["candidate"]),
                      test_accuracy=test[i], val_accuracy=val[i], bound=bounds[i])
              for k, i in idx.items()}  # fmt: skip
     candidates = [dict(candidate=r["candidate"], name=name(r["candidate"]), bound=r["bound"],
+                       bound_positive=r.get("bound_positive", float("nan")),
+                       train_loss_positive=r.get("train_loss_positive", float("nan")),
                        train_loss=r["train_loss"], measure=r["measure"], C=r["C"],
                        measure_term=float(np.sqrt(r["C"]) * r["measure"]),
                        train_ce_noisy=r["train_ce_noisy"], clip=r["clip"], noisy_ce_bound=nb,
@@ -181,6 +189,7 @@ def per_seed(selection: dict, seed: int) -> dict:
                                              strict=True)]  # fmt: skip
     return dict(
         seed=seed,
+        criterion=column,
         picks=picks,
         val_ties=int(np.sum(np.asarray(val) == max(val))),
         spearman_bound_test_loss=_spearman(bounds, loss),
@@ -203,7 +212,7 @@ def summarize(seeds: list[dict], grid: list[dict]) -> dict:
     acc = {k: [s["picks"][k]["test_accuracy"] for s in seeds] for k in _PICKS}
     paired = {}
     pairs = (("bound", "validation"), ("bound", "oracle"), ("validation", "oracle"),
-             ("noisy_ce_bound", "validation"))  # fmt: skip
+             ("backward_bound", "validation"), ("noisy_ce_bound", "validation"))  # fmt: skip
     for a, b in pairs:
         paired[f"{a}-{b}"] = (hexp.paired_difference(acc[a], acc[b]) if len(seeds) >= 2
                               else None)  # fmt: skip
@@ -215,7 +224,8 @@ def summarize(seeds: list[dict], grid: list[dict]) -> dict:
         rows = [s["candidates"][i] for s in seeds]
         per_cand.append(dict(name=n, candidate=grid[i], **{
             f: _mean_std([r[f] for r in rows])["mean"]
-            for f in ("bound", "train_loss", "measure", "measure_term", "C", "val_accuracy",
+            for f in ("bound", "bound_positive", "train_loss_positive", "train_loss", "measure",
+                      "measure_term", "C", "val_accuracy",
                       "test_accuracy", "test_loss", "train_ce_noisy", "clip",
                       "noisy_ce_bound")}))  # fmt: skip
     rho = {f: [s[f] for s in seeds if s[f] is not None]
@@ -252,7 +262,8 @@ def table(seeds: list[dict], summary: dict) -> str:
                      f"{100 * p['oracle']['test_accuracy']:.1f} | {rho} |")  # fmt: skip
     ta = summary["test_accuracy"]
     lines += ["", "| pick | clean test accuracy % (mean +- std) | seeds |", "|---|---|---|"]
-    for k, label in (("bound", "bound-selected (training data only)"),
+    for k, label in (("bound", "bound-selected (training data only; positive part)"),
+                     ("backward_bound", "bound of the backward-corrected loss (the paper's)"),
                      ("validation", "validation-selected (clean val)"),
                      ("oracle", "oracle, test-selected (REFERENCE ONLY)"),
                      ("noisy_ce_bound", "diagnostic: noisy-CE bound (no criterion)")):  # fmt: skip
@@ -263,15 +274,17 @@ def table(seeds: list[dict], summary: dict) -> str:
         if d is not None:
             ci = f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
             lines.append(f"| {key} | {100 * d['mean']:+.1f} | {ci} | {d['n']} |")
-    lines += ["", "| candidate | bound | train loss (backward) | sqrt(C) x measure | measure | "
+    lines += ["", "| candidate | bound (positive part) | its train loss | bound (backward) | "
+              "train loss (backward) | sqrt(C) x measure | measure | "
               "val % | test % | noisy-CE bound (diagnostic) | "
-              "picked by bound / val / oracle / noisy-CE bound |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "picked by bound / backward bound / val / oracle / noisy-CE bound |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     cnt = summary["counts"]
     for r in summary["per_candidate"]:
         n = r["name"]
         picked = " / ".join(str(cnt[k][n]) for k in _PICKS)
-        lines.append(f"| {n} | {r['bound']:.3g} | {r['train_loss']:.3f} | "
+        lines.append(f"| {n} | {r['bound_positive']:.3g} | {r['train_loss_positive']:.3f} | "
+                     f"{r['bound']:.3g} | {r['train_loss']:.3f} | "
                      f"{r['measure_term']:.3g} | {r['measure']:.3g} | "
                      f"{100 * r['val_accuracy']:.1f} | {100 * r['test_accuracy']:.1f} | "
                      f"{r['noisy_ce_bound']:.3g} | {picked} |")  # fmt: skip

@@ -148,11 +148,13 @@ def test_select_prints_the_table_and_the_argmin_of_the_bounds(tmp_path, capsys):
     assert main([*base, "--head-radii", "0", "2", "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     saved = json.loads((out / "select.json").read_text())
-    bounds = [row["bound"] for row in saved["table"]]
+    bounds = [row["bound_positive"] for row in saved["table"]]  # the default criterion
     assert [row["candidate"] for row in saved["table"]] == [{"head_radius": h} for h in (0.0, 2.0)]
     assert saved["chosen_index"] == bounds.index(min(bounds))
+    assert saved["criterion"] == "positive"
     chosen = f"head_radius={saved['chosen']['head_radius']}"
-    assert f"chosen by the bound: {chosen}" in printed and "head_radius=2.0" in printed
+    assert f"chosen by the bound (bound_positive): {chosen}" in printed
+    assert "head_radius=2.0" in printed
     assert "reported, not used" in printed
     # no grid; early stopping (it reads the clean validation set): exit 2, the option named
     assert main([*base, "--output-dir", str(tmp_path / "x")]) == 2

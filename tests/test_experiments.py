@@ -157,10 +157,12 @@ def test_bound_selection_smoke(tmp_path):
     for s in metrics["seeds"]:
         sel = json.loads((tmp_path / "runs" / f"seed{s['seed']}" / "select.json").read_text())
         assert [r["candidate"] for r in sel["table"]] == c["grid"]
-        bounds = [r["bound"] for r in sel["table"]]
+        bounds = [r["bound_positive"] for r in sel["table"]]  # select_by_bound's default
+        backward = [r["bound"] for r in sel["table"]]
         val = [r["reported"]["val_accuracy"] for r in sel["table"]]
         test = [r["reported"]["test_accuracy"] for r in sel["table"]]
         picks = s["picks"]
+        assert picks["backward_bound"]["index"] == backward.index(min(backward))
         assert picks["bound"]["index"] == bounds.index(min(bounds)) == sel["chosen_index"]
         assert picks["validation"]["index"] == val.index(max(val))  # ties: the first
         assert picks["oracle"]["index"] == test.index(max(test))
@@ -175,7 +177,8 @@ def test_bound_selection_smoke(tmp_path):
         for k in ("spearman_bound_test_loss", "spearman_bound_test_error"):
             assert s[k] is None or -1 - 1e-9 <= s[k] <= 1 + 1e-9
     summary = metrics["summary"]
-    assert set(summary["test_accuracy"]) == {"bound", "validation", "oracle", "noisy_ce_bound"}
+    assert set(summary["test_accuracy"]) == {"bound", "backward_bound", "validation", "oracle",
+                                              "noisy_ce_bound"}  # fmt: skip
     for pick, counts in summary["counts"].items():
         assert sum(counts.values()) == len(c["seeds"]), pick
     d = summary["paired"]["bound-validation"]

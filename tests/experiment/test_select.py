@@ -25,19 +25,22 @@ def selected(tmp_path_factory):
     return cfg, select_by_bound(cfg, GRID, num_iters=ITERS, progress=False, command="test")
 
 
-def _recomputed(row) -> tuple[float, float, float]:
-    """(train loss, C, kernels moved) from the run's logits and T, in numpy."""
+def _recomputed(row) -> tuple[float, float, float, float, float]:
+    """(train loss, C, kernels moved, positive-part loss, its C) from the run's logits and T,
+    in numpy."""
     r = load_run(row["run"])
     logits = np.asarray(r.model(r.splits.train_images), np.float64)
     labels = np.asarray(r.splits.train_labels)
     ce = np.log(np.exp(logits).sum(1, keepdims=True)) - logits  # (n, k): CE of every label
     t = np.array(json.loads((Path(row["run"]) / "transition.json").read_text()))
     inv = np.linalg.inv(t)
-    loss = float(np.mean(np.sum(inv[labels] * ce, axis=1)))
-    c = ce.max() * (np.clip(inv, 0, None).sum(1).max() + np.clip(-inv, 0, None).sum(1).max())
+    per_example = np.sum(inv[labels] * ce, axis=1)
+    loss, positive = float(np.mean(per_example)), float(np.mean(np.maximum(per_example, 0)))
+    c_pos = ce.max() * np.clip(inv, 0, None).sum(1).max()
+    c = c_pos + ce.max() * np.clip(-inv, 0, None).sum(1).max()
     moved = sum(float(np.abs(np.asarray(r.params[m]["kernel"]) - r.anchor[m]["kernel"]).sum())
                 for m in ("conv1", "conv2", "head"))  # fmt: skip
-    return loss, float(c), moved
+    return loss, float(c), moved, positive, float(c_pos)
 
 
 def test_choice_is_the_argmin_of_the_recomputed_bounds(selected):
@@ -45,9 +48,12 @@ def test_choice_is_the_argmin_of_the_recomputed_bounds(selected):
     table = out["table"]
     assert [row["candidate"] for row in table] == GRID
     assert out["chosen"] == GRID[out["chosen_index"]]
-    bounds = []
+    bounds, positives = [], []
     for row in table:
-        loss, c, moved = _recomputed(row)
+        loss, c, moved, positive, c_pos = _recomputed(row)
+        assert row["train_loss_positive"] == pytest.approx(positive, rel=1e-4, abs=1e-5)
+        assert row["C_positive"] == pytest.approx(c_pos, rel=1e-4)
+        assert positive >= loss
         assert row["train_loss"] == pytest.approx(loss, rel=1e-4, abs=1e-5)
         assert row["C"] == pytest.approx(c, rel=1e-4) and row["measure_exact"]
         if row["candidate"]["head_radius"] == 0.0:  # no movement: the measure is 0 in closed form
@@ -61,7 +67,14 @@ def test_choice_is_the_argmin_of_the_recomputed_bounds(selected):
             assert measure > 0 and row["measure"] == pytest.approx(measure, rel=1e-5)
         bounds.append(loss + math.sqrt(c) * measure)
         assert row["bound"] == pytest.approx(bounds[-1], rel=1e-4)
-    assert out["chosen_index"] == int(np.argmin(bounds))
+        positives.append(positive + math.sqrt(c_pos) * measure)
+        assert row["bound_positive"] == pytest.approx(positives[-1], rel=1e-4)
+    assert out["criterion"] == "positive"
+    assert out["chosen_index"] == int(np.argmin(positives))
+    backward = select_by_bound(
+        cfg, GRID, num_iters=ITERS, criterion="backward", progress=False, command="test"
+    )
+    assert backward["chosen_index"] == int(np.argmin(bounds))  # same runs, the other column
     assert table[0]["bound"] == pytest.approx(table[0]["train_loss"])
     saved = json.loads((Path(cfg.output_dir) / "select.json").read_text())
     assert saved["chosen"] == out["chosen"] and saved["command"] == "test"
@@ -94,6 +107,7 @@ def test_rerun_reuses_the_runs_and_their_measures(selected):
         ([{"radius": 1.0}], {"early_stopping": True}, {}, "early_stopping"),
         ([{"method": "plain_es"}], {}, {}, "grid\\[0\\].method"),
         ([{"radius": 1.0}], {}, {"loss_bound": -1.0}, "loss_bound"),
+        ([{"radius": 1.0}], {}, {"criterion": "nope"}, "criterion"),
     ],
 )
 def test_bad_input_raises_before_training(tmp_path, grid, changes, kwargs, names):
