@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-examples", type=int, default=8, help="examples of the measures")
     parser.add_argument("--no-compilation-cache", action="store_true")
     parser.add_argument("--model", default="mobilenet_v2", choices=MODELS,
-                        help="the hessjax side's model (the torch side: mobilenet_v2 only)")  # fmt: skip
+                        help="the hessjax side model (torch: mobilenet_v2 only)")  # fmt: skip
     parser.add_argument(
         "--torch-worker", nargs=2, metavar=("INPUTS", "WEIGHTS"), help=argparse.SUPPRESS
     )
