@@ -11,7 +11,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from hessjax.estimators._base import (
     Estimate,
@@ -21,6 +20,7 @@ from hessjax.estimators._base import (
     check_int,
     draw_probes,
     flat_ravel,
+    flat_unravel,
     host_loops,
     host_rows,
     map_probes,
@@ -122,7 +122,7 @@ def hutchpp_trace(
     The first term is exact; the second is Hutchinson on the deflated operator, whose
     variance ``~ ||(I-QQ^T) H (I-QQ^T)||_F^2 / g`` is small when the spectrum decays: for a
     relative error ``eps`` Hutch++ needs ``O(1/eps)`` matvecs where Hutchinson needs
-    ``O(1/eps^2)``. Computed on raveled vectors (``jax.flatten_util.ravel_pytree``). With a
+    ``O(1/eps^2)``. Computed on raveled vectors (``ravel_pytree``'s order). With a
     ``partition`` every layer gets its own ``Q_i = qr((H S)_i)``; the block-diagonal matvec
     serves all layers at once, so the cost does not grow with ``L``.
 
@@ -163,8 +163,10 @@ def hutchpp_trace(
     num_probes = check_int("num_probes", num_probes, minimum=3)
     check_chunk(chunk_size)
     part, per_layer = probe_layout(like, partition, "like")
-    flat, unravel = ravel_pytree(like)
-    n, dtype, num_layers = flat.shape[0], flat.dtype, part.num_layers
+    leaves = jax.tree_util.tree_leaves(like)
+    unravel = flat_unravel(like)  # nothing eager: ravel_pytree(like) would concatenate it
+    n, dtype = sum(int(np.size(x)) for x in leaves), jnp.result_type(*leaves)
+    num_layers = part.num_layers
     seg = _segments(part)
     mask = jnp.asarray(seg < num_layers, dtype)
     s = num_probes // 3
