@@ -136,6 +136,14 @@ def combine_basis(part: Partition, stacked: PyTree, coef: jax.Array) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def flat_size(tree: PyTree) -> tuple[int, Any]:
+    """``(n, dtype)`` of ``tree`` raveled: its number of entries and the leaves' common dtype
+    (``ravel_pytree``'s), from the shapes alone (arrays or ``jax.ShapeDtypeStruct``)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+    return sum(math.prod(_shape(x)) for x in leaves), dtype
+
+
 def flat_ravel(tree: PyTree, dtype: Any = None) -> jax.Array:
     """The leaves of ``tree`` raveled into one vector, in ``jax.flatten_util.ravel_pytree``'s
     order (``ravel_pytree(tree)[0]``, cast to ``dtype``), written into a zero vector by
@@ -147,9 +155,9 @@ def flat_ravel(tree: PyTree, dtype: Any = None) -> jax.Array:
     the raveling cost three products per Lanczos step. Cost: one write of the ``n`` floats.
     """
     leaves = jax.tree_util.tree_leaves(tree)
-    if dtype is None:
-        dtype = jnp.result_type(*leaves) if leaves else jnp.float32
-    out = jnp.zeros((sum(int(np.size(x)) for x in leaves),), dtype)
+    n, common = flat_size(tree)
+    dtype = common if dtype is None else dtype
+    out = jnp.zeros((n,), dtype)
     offset = 0
     for x in leaves:
         out = jax.lax.dynamic_update_slice(out, jnp.ravel(x).astype(dtype), (offset,))

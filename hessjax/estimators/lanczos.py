@@ -23,6 +23,7 @@ from hessjax.estimators._base import (
     compiled_matvec,
     draw_probes,
     flat_ravel,
+    flat_size,
     flat_unravel,
     host_loops,
     layout,
@@ -211,9 +212,8 @@ def _flat_host(
     """The host loop of one layer over every leaf, on raveled vectors (see :func:`_flat_steps`):
     per step ``q_j`` as a pytree, the shared product, prepare, one (rarely two) projection
     passes, finish, the row write. Same numbers as the ``lax`` loop to rounding."""
-    leaves = jax.tree_util.tree_leaves(v0)
     unravel, ravel = flat_unravel(v0), flat_ravel
-    dtype, n = jnp.result_type(*leaves), sum(int(np.size(x)) for x in leaves)
+    n, dtype = flat_size(v0)
     num_blocks = -(-num_iters // _BLOCK)
     static = ("lanczos_flat", num_iters, str(jnp.dtype(dtype)), layout(v0))
     prepare, project, finish = _flat_steps(num_iters, dtype, ravel)

@@ -18,6 +18,7 @@ from hessjax.estimators._base import (
     compiled_matvec,
     draw_probes,
     flat_ravel,
+    flat_size,
     flat_unravel,
     host_loops,
     probe_layout,
@@ -91,8 +92,8 @@ def power_iteration(
     leaves = jax.tree_util.tree_leaves(like)
     flat = host and len({jnp.result_type(x) for x in leaves}) == 1
     if flat:  # the host loop on raveled vectors: a few large ops, not several per leaf
-        n = sum(int(np.size(x)) for x in leaves)
-        zeros = jax.ShapeDtypeStruct((n,), jnp.result_type(*leaves))
+        n, dtype = flat_size(like)
+        zeros = jax.ShapeDtypeStruct((n,), dtype)
         unravel = flat_unravel(like)
         ravel = flat_ravel
         flat_part, _ = probe_layout(zeros, None, "like")

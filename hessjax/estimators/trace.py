@@ -20,6 +20,7 @@ from hessjax.estimators._base import (
     check_int,
     draw_probes,
     flat_ravel,
+    flat_size,
     flat_unravel,
     host_loops,
     host_rows,
@@ -163,9 +164,8 @@ def hutchpp_trace(
     num_probes = check_int("num_probes", num_probes, minimum=3)
     check_chunk(chunk_size)
     part, per_layer = probe_layout(like, partition, "like")
-    leaves = jax.tree_util.tree_leaves(like)
     unravel = flat_unravel(like)  # nothing eager: ravel_pytree(like) would concatenate it
-    n, dtype = sum(int(np.size(x)) for x in leaves), jnp.result_type(*leaves)
+    n, dtype = flat_size(like)
     num_layers = part.num_layers
     seg = _segments(part)
     mask = jnp.asarray(seg < num_layers, dtype)
