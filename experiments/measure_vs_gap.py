@@ -19,7 +19,7 @@ these statistics from an existing ``metrics.json`` without training (into ``--re
     .venv/bin/python experiments/measure_vs_gap.py --restat \
         --restat-out experiments/results/measure_vs_gap_stats     # statistics of the results
 
-Presets (``PRESETS``): ``cpu`` MobileNetV2 at 32x32, 30/60 images per class, 5 epochs,
+Presets (``PRESETS``): ``cpu`` MobileNetV2 at 32x32, 30/60 images per class, 10 epochs,
 the measure (and the traces) over ALL training examples and every fine-tuned layer, as the
 theorem states it (``examples=None``; MobileNetV2's blocks are PSD, so the measure is the fast
 exact ``psd_blocks`` path); ``gpu`` 96x96, 50/100/200 per class, 30 epochs, all examples, 16
