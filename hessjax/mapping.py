@@ -22,8 +22,9 @@ CPU and :func:`chunked_vmap` on other backends (not measured there: no GPU was a
 Estimators that loop themselves (Lanczos, power iteration) check :func:`drives_host_loop` and
 then drive their steps from Python too.
 
-The finding is about products of a BATCH loss. The per-example measures (``layer_traces``,
-``noise_stability``, the canonical ``hessian_distance``) stay single compiled programs on CPU:
+The finding is about products of a BATCH loss (``noise_stability``'s too: eagerly it loops
+over its draws and probes from Python, one jitted program each). The per-example measures
+(``layer_traces``, the canonical ``hessian_distance``) stay single compiled programs on CPU:
 there the vmapped per-example block products with the linearisation fused ran at 0.55x of
 their products called one by one (MobileNetV2's later blocks, 2 examples), and a Python loop
 over compiled steps, which traces each example's linearisation anew, was 2.8-4x slower.
