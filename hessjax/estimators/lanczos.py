@@ -21,7 +21,9 @@ from hessjax.estimators._base import (
     check_int,
     combine_basis,
     compiled_matvec,
+    draw_flat,
     draw_probes,
+    flat_layout,
     flat_ravel,
     flat_size,
     flat_unravel,
@@ -207,11 +209,17 @@ def _put_row(block: jax.Array, i: jax.Array, row: jax.Array) -> jax.Array:
 
 
 def _flat_host(
-    matvec: Matvec, v0: PyTree, num_iters: int, part: Partition, keep_basis: bool = True
+    matvec: Matvec,
+    v0: PyTree,
+    num_iters: int,
+    part: Partition,
+    keep_basis: bool = True,
+    flat_start: jax.Array | None = None,
 ) -> Any:
     """The host loop of one layer over every leaf, on raveled vectors (see :func:`_flat_steps`):
     per step ``q_j`` as a pytree, the shared product, prepare, one (rarely two) projection
-    passes, finish, the row write. Same numbers as the ``lax`` loop to rounding."""
+    passes, finish, the row write. Same numbers as the ``lax`` loop to rounding.
+    ``flat_start``: the start vector already raveled (``v0`` then only gives the shapes)."""
     unravel, ravel = flat_unravel(v0), flat_ravel
     n, dtype = flat_size(v0)
     num_blocks = -(-num_iters // _BLOCK)
@@ -219,18 +227,19 @@ def _flat_host(
     prepare, project, finish = _flat_steps(num_iters, dtype, ravel)
 
     def init(v):
-        x = ravel(v)
+        x = v if flat_start is not None else ravel(v)
         norm0 = jnp.sqrt(jnp.dot(x, x))[None]
         active0 = norm0 > 0
         zeros = jnp.zeros((num_iters, 1), dtype)
         scalars = (zeros, zeros, active0, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), dtype))
         return scalars, x * safe_inverse(norm0, active0)
 
-    start = memo_compile(static + ("init",), init, v0)
+    x0 = v0 if flat_start is None else flat_start
+    start = memo_compile(static + ("init", flat_start is None), init, x0)
     product = compiled_matvec(matvec, v0)
     if start is None or product is None:
         return None
-    scalars, q = start(v0)
+    scalars, q = start(x0)
     block = jnp.zeros((_BLOCK, n), dtype)
     put = memo_compile(static + ("put",), _put_row, block, np.int32(0), q, donate_argnums=(0,))
     blocks = [put(block, np.int32(0), q)] + [
@@ -272,18 +281,20 @@ def _flat_host(
 
 
 def _lanczos_host(
-    matvec: Matvec, v0: PyTree, num_iters: int, part: Partition, keep_basis: bool = True
+    matvec: Matvec,
+    v0: PyTree,
+    num_iters: int,
+    part: Partition,
+    keep_basis: bool = True,
+    flat_start: jax.Array | None = None,
 ) -> Any:
     """The steps from Python: per step ``q_j`` (small program), ``H q_j`` (the shared product
     program, :func:`compiled_matvec`), the next vector (small program), its row written into
     the basis (small program, basis donated)."""
-    leaves = jax.tree_util.tree_leaves(v0)
-    if (
-        part.num_layers == 1
-        and all(g == 0 for g in part.leaf_layer)
-        and len({jnp.result_type(x) for x in leaves}) == 1
-    ):
-        return _flat_host(matvec, v0, num_iters, part, keep_basis)
+    if flat_layout(part, v0):
+        return _flat_host(matvec, v0, num_iters, part, keep_basis, flat_start)
+    if flat_start is not None:
+        raise ValueError("flat_start: only for one layer of every leaf, of one dtype")
     dtype = tree_dtype(v0)
     next_vector = _lanczos_next(part, num_iters, dtype)
     static = ("lanczos_layers", num_iters, str(jnp.dtype(dtype)), part)
@@ -316,6 +327,7 @@ def lanczos_run(
     *,
     host: bool = False,
     keep_basis: bool = True,
+    flat_start: jax.Array | None = None,
 ) -> LanczosResult:
     """Lanczos on the layers of ``part`` at once; scalars with a leading ``(L,)`` axis.
 
@@ -323,12 +335,16 @@ def lanczos_run(
     CPU the product is several times slower as the body of ``lax.fori_loop``, and the product
     program is shared with every other estimator. Same numbers either way (to rounding).
     ``keep_basis=False`` lets the host loop return ``basis=None`` (callers that need only the
-    tridiagonal matrix: quadrature, eigenvalues without vectors).
+    tridiagonal matrix: quadrature, eigenvalues without vectors). ``flat_start``: the start
+    vector raveled (``flat_layout(part, v0)``; ``v0`` then gives only the shapes and dtypes),
+    for callers that drew it raveled (:func:`~hessjax.estimators._base.draw_flat`).
     """
     if host:
-        res = _lanczos_host(matvec, v0, num_iters, part, keep_basis)
+        res = _lanczos_host(matvec, v0, num_iters, part, keep_basis, flat_start)
         if res is not None:
             return res
+    if flat_start is not None:
+        v0 = flat_unravel(v0)(flat_start)
     update = _lanczos_update(part, num_iters, tree_dtype(v0))
 
     def body(j, state):
@@ -512,9 +528,14 @@ def eigenvalues(
         raise ValueError(f"num_iters must be >= k={k}, got {num_iters}")
     num_iters = min(num_iters, max(part.sizes))
 
-    v0 = draw_probes(key, like, part, 1, "normal", single=True)
     host = host_loops(map_fn, key)
-    res = lanczos_run(matvec, v0, num_iters, part, host=host, keep_basis=return_vectors)
+    if host and flat_layout(part, like):  # the start raveled: no pytree to build and ravel
+        x0 = draw_flat(key, like, 1, "normal")[0]
+        res = lanczos_run(matvec, like, num_iters, part, host=True, keep_basis=return_vectors,
+                          flat_start=x0)  # fmt: skip
+    else:
+        v0 = draw_probes(key, like, part, 1, "normal", single=True)
+        res = lanczos_run(matvec, v0, num_iters, part, host=host, keep_basis=return_vectors)
     pick = lambda res: _pick_eigen(res, part, k, which, return_vectors, per_layer)
     call = memo_compile(("pick_eigen", part, k, which, return_vectors, per_layer), pick, res)
     return pick(res) if call is None else call(res)

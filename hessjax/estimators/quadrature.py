@@ -25,16 +25,20 @@ from hessjax.estimators._base import (
     PyTree,
     check_chunk,
     check_int,
+    draw_flat,
     draw_probes,
+    flat_layout,
     host_loops,
+    layout,
     map_probes,
+    memo_compile,
     probe_layout,
     probe_stats,
     run_compiled,
     squeeze_layers,
 )
 from hessjax.estimators.lanczos import LanczosResult, lanczos_run, ritz_values
-from hessjax.mapping import MapFn, compile_once
+from hessjax.mapping import MapFn
 from hessjax.partition import Partition
 
 
@@ -74,21 +78,36 @@ def _gauss_quadrature(res: LanczosResult, sq_norm: jax.Array, fn: Callable) -> j
 
 
 def _host_probes(
-    matvec: Matvec, probes: PyTree, num_iters: int, part: Partition, finish: Callable
+    matvec: Matvec,
+    like: PyTree,
+    key: jax.Array,
+    num: int,
+    num_iters: int,
+    part: Partition,
+    finish: Callable,
 ) -> PyTree | None:
-    """``finish(lanczos(z_p), z_p)`` for every probe, stacked; the Lanczos steps of one probe
-    after another from Python (one compiled step for all; ``None`` under a trace)."""
+    """``finish(lanczos(z_p), ||z_p||^2 per layer)`` for ``num`` Rademacher probes (those of
+    :func:`draw_probes`), stacked; the Lanczos steps of one probe after another from Python
+    (one compiled step for all; ``None`` under a trace). One layer of every leaf: the probes
+    are drawn raveled (:func:`draw_flat`) and never built as pytrees."""
+    flat = flat_layout(part, like)
+    probes = draw_flat(key, like, num) if flat else draw_probes(key, like, part, num)
     pick = lambda xs, p: jax.tree_util.tree_map(
         lambda x: jax.lax.dynamic_index_in_dim(x, p, keepdims=False), xs
     )
-    take = compile_once(pick, probes, np.int32(0))
+    take = memo_compile(("probe_row", layout(probes)), pick, probes, np.int32(0))
     if take is None:
         return None
+    sq = (lambda x: jnp.dot(x, x)[None]) if flat else part.sq_norms
     out = []
-    for p in range(jax.tree_util.tree_leaves(probes)[0].shape[0]):
+    for p in range(num):
         z = take(probes, np.int32(p))
-        res = lanczos_run(matvec, z, num_iters, part, host=True, keep_basis=False)
-        out.append(run_compiled(finish, res, z))
+        if flat:
+            res = lanczos_run(matvec, like, num_iters, part, host=True,
+                              keep_basis=False, flat_start=z)  # fmt: skip
+        else:
+            res = lanczos_run(matvec, z, num_iters, part, host=True, keep_basis=False)
+        out.append(run_compiled(lambda r, x: finish(r, sq(x)), res, z))
     return run_compiled(lambda xs: jax.tree_util.tree_map(lambda *r: jnp.stack(r), *xs), out)
 
 
@@ -236,15 +255,15 @@ def trace_of_function(
     check_chunk(chunk_size)
     part, per_layer = probe_layout(like, partition, "like")
     num_iters = min(num_iters, max(part.sizes))
-    probes = draw_probes(key, like, part, num_probes)
-    finish = lambda res, z: _gauss_quadrature(res, part.sq_norms(z), fn)
+    finish = lambda res, sq: _gauss_quadrature(res, sq, fn)
     samples = None
     if host_loops(map_fn, key):
-        samples = _host_probes(matvec, probes, num_iters, part, finish)
+        samples = _host_probes(matvec, like, key, num_probes, num_iters, part, finish)
     if samples is None:
+        probes = draw_probes(key, like, part, num_probes)
 
         def one(z: PyTree) -> jax.Array:
-            return finish(lanczos_run(matvec, z, num_iters, part), z)
+            return finish(lanczos_run(matvec, z, num_iters, part), part.sq_norms(z))
 
         samples = map_probes(one, probes, chunk_size, map_fn)  # (num_probes, L)
     return run_compiled(lambda x: squeeze_layers(probe_stats(x), per_layer), samples)
@@ -325,19 +344,22 @@ def spectral_density(
         raise ValueError(f"grid must be 1-D, got shape {jnp.shape(grid)}")
     part, _ = probe_layout(like, None, "like")
     num_iters = min(num_iters, max(part.sizes))
-    probes = draw_probes(key, like, part, num_probes)
 
-    def finish(res: LanczosResult, z: PyTree) -> tuple[jax.Array, jax.Array]:
+    def finish(res: LanczosResult, sq: jax.Array) -> tuple[jax.Array, jax.Array]:
         theta, vectors, genuine = ritz_values(res)
         weights = jnp.where(genuine, vectors[..., 0, :] ** 2, 0)[0]
         return jnp.where(genuine, theta, 0)[0], weights
 
     out = None
     if host_loops(map_fn, key):
-        out = _host_probes(matvec, probes, num_iters, part, finish)
+        out = _host_probes(matvec, like, key, num_probes, num_iters, part, finish)
     if out is None:
+        probes = draw_probes(key, like, part, num_probes)
         out = map_probes(
-            lambda z: finish(lanczos_run(matvec, z, num_iters, part), z), probes, chunk_size, map_fn
+            lambda z: finish(lanczos_run(matvec, z, num_iters, part), None),
+            probes,
+            chunk_size,
+            map_fn,
         )
     nodes, weights = out
     dtype = nodes.dtype
