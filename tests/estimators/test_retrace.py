@@ -158,11 +158,14 @@ def test_flat_ravel_and_unravel_match_ravel_pytree(dtype, jit):
     from hessjax.estimators._base import flat_ravel, flat_unravel
 
     with jax.enable_x64(dtype == jnp.float64):
-        keys = jax.random.split(jax.random.key(0), 3)
+        keys = jax.random.split(jax.random.key(0), 5)
         tree = {
             "a": jax.random.normal(keys[0], (3, 4), dtype),
             "b": [jax.random.normal(keys[1], (5,), dtype), jnp.zeros((0, 2), dtype)],
             "c": jax.random.normal(keys[2], (), dtype),
+            # leaves above flat_ravel's run length: runs are flushed between and around them
+            "d": [jax.random.normal(keys[3], (300, 250), dtype), jnp.ones((7,), dtype)],
+            "e": jax.random.normal(keys[4], (66000,), dtype),
         }
         ravel = jax.jit(flat_ravel) if jit else flat_ravel
         flat = ravel(tree)
