@@ -255,15 +255,16 @@ def noise_stability(
     ``Tr H`` is estimated by Hutchinson with ``num_probes`` probes. The reference code uses
     ``sigma = 1e-3`` and 20 plain draws.
 
-    Cost: ``2 * num_draws + 1`` loss evaluations and ``num_probes`` HVPs (forward-over-
-    reverse, :func:`hessjax.hessian.hvp`). Eagerly (nothing traced) they run from Python over
-    three compiled programs, each compiled once per loss function, partition and shapes and
-    cached by ``jax.jit`` (no retrace on a later call): the base loss, one antithetic pair,
-    one probe's ``z^T H z``. Inside ``jit`` it is one traced computation (``lax.map`` over the
-    draws and the probes, the same numbers). MobileNetV2 at 32x32, batch 32, 4 draws and 4
-    probes on 2 CPU cores: first call 43 s (compile included; it was 72-82 s as one program,
-    whose compile alone took 65 s), later calls 1.7 s; compiling the forward-over-reverse
-    product (27 s) is most of the first call.
+    Cost: ``2 * num_draws + 1`` loss evaluations, one linearisation of the gradient (a
+    forward and a backward pass) and ``num_probes`` products through the linear map (as
+    :func:`hessjax.hessian.hvp_fn`). Eagerly (nothing traced) they run from Python over
+    jitted programs, each compiled once per loss function, partition and shapes (no retrace
+    on a later call). Inside ``jit`` it is one traced computation (``lax.map`` over the draws
+    and the probes, forward-over-reverse products: the same numbers to rounding). MobileNetV2
+    at 32x32, batch 32, 4 draws and 4 probes on 2 busy CPU cores (load 3.3-3.6): first call
+    40 s, compile included (it was 72-82 s as one program whose compile alone took 65 s);
+    later calls 1.2-1.3 s, 1.2-1.4x its 4 products and 9 losses called one by one (2.4x as
+    one program).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar`` (a batch loss).
@@ -322,59 +323,125 @@ def _split_flat(flat, params, partition):
     ]
 
 
+def _gaussian(key, params):
+    """One Gaussian draw for all leaves, raveled (sliced into them by :func:`_shifted`): one
+    random kernel, not one per leaf (which made the compile of MobileNetV2's 158 leaves take
+    2 minutes)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    n = sum(int(np.size(x)) for x in leaves)
+    return jax.random.normal(key, (n,), jnp.result_type(*leaves))
+
+
+def _shifted(loss_fn, params, batch, flat, scale, partition):
+    """``loss(W + scale * U)`` with ``U`` the raveled ``flat`` on the partition's leaves."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    noise = _split_flat(flat, params, partition)
+    moved = [x if u is None else x + scale * u for x, u in zip(leaves, noise, strict=True)]
+    return loss_fn(jax.tree_util.tree_unflatten(treedef, moved), batch)
+
+
 def _pair_change(loss_fn, params, batch, key, sigma, base, partition):
     """``(loss(W + U) + loss(W - U)) / 2 - base`` for ``U = sigma * N(0, I)`` on the
-    partition's leaves: ONE Gaussian draw for all leaves, sliced into them (one random kernel,
-    not one per leaf, which made the compile of MobileNetV2's 158 leaves take 2 minutes)."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    n = sum(int(np.size(x)) for x in leaves)
-    noise = _split_flat(jax.random.normal(key, (n,), jnp.result_type(*leaves)), params, partition)
-    shift = lambda sign: jax.tree_util.tree_unflatten(
-        treedef,
-        [x if u is None else x + sign * sigma * u for x, u in zip(leaves, noise, strict=True)],
-    )
-    return 0.5 * (loss_fn(shift(1), batch) + loss_fn(shift(-1), batch)) - base
+    partition's leaves."""
+    flat = _gaussian(key, params)
+    plus = _shifted(loss_fn, params, batch, flat, sigma, partition)
+    minus = _shifted(loss_fn, params, batch, flat, -sigma, partition)
+    return 0.5 * (plus + minus) - base
 
 
-def _probe_form(loss_fn, params, batch, key, partition):
-    """``z^T H z`` for one Rademacher probe ``z`` on the partition's leaves (0 elsewhere):
-    32 signs per random 32-bit word of one draw for all leaves (exactly fair, independent
-    signs; a quarter of the random-number work of a float per sign), then one
-    forward-over-reverse product."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+def _rademacher(key, params, partition):
+    """One Rademacher probe on the partition's leaves (0 elsewhere), as a list of leaves: 32
+    signs per random 32-bit word of one draw for all leaves (exactly fair, independent signs;
+    a quarter of the random-number work of a float per sign)."""
+    leaves = jax.tree_util.tree_leaves(params)
     n = sum(int(np.size(x)) for x in leaves)
     words = jax.random.bits(key, (-(-n // 32),), jnp.uint32)
     bits = ((words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1).reshape(-1)[:n]
     signs = (2 * bits.astype(jnp.int32) - 1).astype(jnp.result_type(*leaves))
-    z = [
+    return [
         jnp.zeros_like(x) if u is None else u
         for x, u in zip(leaves, _split_flat(signs, params, partition), strict=True)
     ]
-    hz = jax.tree_util.tree_leaves(
-        hvp(loss_fn, params, jax.tree_util.tree_unflatten(treedef, z), batch)
-    )
+
+
+def _form(z, hz, partition):
     on = [g >= 0 for g in partition.leaf_layer]
     return sum(jnp.vdot(a, b) for a, b, keep in zip(z, hz, on, strict=True) if keep)
 
 
+def _probe_form(loss_fn, params, batch, key, partition):
+    """``z^T H z`` for one Rademacher probe ``z`` (:func:`_rademacher`), one
+    forward-over-reverse product (the traced path)."""
+    z = _rademacher(key, params, partition)
+    tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), z)
+    return _form(z, jax.tree_util.tree_leaves(hvp(loss_fn, params, tree, batch)), partition)
+
+
+def _layout(tree):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return (treedef,) + tuple((jnp.shape(x), str(jnp.result_type(x))) for x in leaves)
+
+
+_LINEAR: dict = {}  # (loss_fn, partition, layouts) -> (residuals, form), both jitted
+
+
+def _linear_steps(loss_fn, params, batch, partition):
+    """Two jitted programs for the eager path, memoised on the loss, partition and layouts:
+    ``residuals(params, batch)``, the constants of the linearised gradient (one forward and
+    backward pass, as :func:`hessjax.hessian.hvp_fn`), and ``form(consts, params, key)``, one
+    probe's ``z^T H z`` through the linear map alone (1-1.5x a gradient instead of 2x). The
+    linear map's jaxpr is recorded while ``residuals`` is traced; ``jax.jit`` retraces only
+    for other layouts, which have their own entry, so the jaxpr always matches the
+    constants (a fresh ``hvp_fn`` would retrace the linearisation every call: 4 s on
+    MobileNetV2)."""
+    key = (loss_fn, partition, _layout(params), _layout(batch))
+    entry = _LINEAR.get(key)
+    if entry is not None:
+        return entry
+    traced: dict = {}
+    like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), params)
+
+    def residuals(p, b):
+        linear = jax.linearize(lambda q: jax.grad(loss_fn)(q, b), p)[1]
+        closed = jax.make_jaxpr(linear)(like)
+        traced["jaxpr"] = closed.jaxpr
+        return list(closed.consts)
+
+    def form(consts, p, k):
+        z = _rademacher(k, p, partition)
+        hz = jax.core.eval_jaxpr(traced["jaxpr"], consts, *z)
+        return _form(z, hz, partition)
+
+    entry = (jax.jit(residuals), jax.jit(form))
+    if len(_LINEAR) >= 64:
+        _LINEAR.clear()
+    _LINEAR[key] = entry
+    return entry
+
+
 _jit_base = jax.jit(lambda loss_fn, params, batch: loss_fn(params, batch), static_argnums=0)
-_jit_pair = jax.jit(_pair_change, static_argnames=("loss_fn", "partition"))
-_jit_form = jax.jit(_probe_form, static_argnames=("loss_fn", "partition"))
+_jit_gaussian = jax.jit(_gaussian)
+_jit_shifted = jax.jit(_shifted, static_argnames=("loss_fn", "partition"))
 
 
 def _host_noise_stability(loss_fn, params, batch, key, sigma, part, num_draws, num_probes):
-    """:func:`noise_stability` eagerly: Python loops over three programs, each compiled once
-    per loss function, partition and shapes (``jax.jit``'s cache: no retrace later)."""
+    """:func:`noise_stability` eagerly: Python loops over jitted programs, each compiled once
+    per loss function, partition and shapes (no retrace on a later call): the base loss, the
+    noise draw, the loss at shifted weights, the linearisation's residuals, one probe's
+    ``z^T H z``."""
     draw_keys, probe_keys = _keys(key, num_draws, num_probes)
     sigma = jnp.asarray(sigma)
     base = _jit_base(loss_fn, params, batch)
-    changes = [
-        _jit_pair(loss_fn, params, batch, draw_keys[d], sigma, base, partition=part)
-        for d in range(num_draws)
-    ]
-    forms = [
-        _jit_form(loss_fn, params, batch, probe_keys[i], partition=part) for i in range(num_probes)
-    ]
+    changes = []  # one loss program for both signs: half the compile of a pair program
+    for d in range(num_draws):
+        flat = _jit_gaussian(draw_keys[d], params)
+        plus = _jit_shifted(loss_fn, params, batch, flat, sigma, partition=part)
+        minus = _jit_shifted(loss_fn, params, batch, flat, -sigma, partition=part)
+        changes.append(0.5 * (plus + minus) - base)
+    residuals, form = _linear_steps(loss_fn, params, batch, part)
+    consts = residuals(params, batch)
+    forms = [form(consts, params, probe_keys[i]) for i in range(num_probes)]
+    del consts
     return _summary(jnp.stack(changes), jnp.stack(forms), sigma)
 
 
