@@ -145,26 +145,38 @@ def power_iteration(
     if starts is None:
         starts = draw_probes(key, like, part, k, "normal")
     found = jax.tree_util.tree_map(jnp.zeros_like, starts)
+
+    # The host loop's step state leaves ``found`` out: a program that returns an input
+    # unchanged copies it (k vectors per step). ``pre(found, small) -> (v, v as a pytree)``,
+    # ``post(small, v, Hv) -> small``, as before/after on the full state.
+    def pre_step(found, small):
+        _, v, _, _, num_found = small
+        v = orth(found, num_found, v)
+        return v, unravel(v)
+
+    def post_step(small, v, hv):
+        it, _, value, done, num_found = small
+        return after((it, v, value, done, None, num_found), v, ravel(hv))[:4] + (num_found,)
+
     step = None
     if host:  # three calls per step, the product shared (compiled_matvec)
         state0 = run_compiled(start, starts, found, np.int32(0))
-        pre = compile_once(lambda st: unravel(before(st)), state0)
-        v0 = pre(state0)
+        small0 = state0[:4] + (state0[5],)
+        pre = compile_once(pre_step, found, small0)
+        v_flat, v0 = pre(found, small0)
         product = compiled_matvec(matvec, v0)
         if product is not None:
-            post = compile_once(
-                lambda st, v, hv: after(st, ravel(v), ravel(hv)),
-                state0, v0, jax.eval_shape(matvec, v0),
-            )  # fmt: skip
-            step = lambda st: (lambda v: post(st, v, product(v)))(pre(st))
+            post = compile_once(post_step, small0, v_flat, jax.eval_shape(matvec, v0))
+            step = lambda found, st: (lambda v, t: post(st, v, product(t)))(*pre(found, st))
     values, count = [], 0
     for j in range(k):
         state = run_compiled(start, starts, found, np.int32(j))
         if step is not None:
-            it, done = 0, False
+            it, done, small = 0, False, state[:4] + (state[5],)
             while it < num_iters and not done:
-                state = step(state)
-                it, done = it + 1, bool(state[3])
+                small = step(found, small)
+                it, done = it + 1, bool(small[3])
+            state = small[:4] + (found, small[4])
         else:
             cond = lambda st: (st[0] < num_iters) & ~st[3]
             state = jax.lax.while_loop(cond, body, state)
