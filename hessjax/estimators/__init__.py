@@ -35,7 +35,7 @@ Submodules: ``trace`` (Hutchinson, Hutch++), ``lanczos`` (Lanczos, eigenvalues),
 (``v^T f(H) v``, ``Tr f(H)``, spectral density), ``power`` (power iteration).
 """
 
-from hessjax.estimators._base import Estimate
+from hessjax.estimators._base import Estimate, random_flat
 from hessjax.estimators.lanczos import LanczosResult, eigenvalues, lanczos
 from hessjax.estimators.power import power_iteration
 from hessjax.estimators.quadrature import (
@@ -62,4 +62,5 @@ __all__ = [
     "positive_quadratic_form",
     "trace_of_function",
     "power_iteration",
+    "random_flat",
 ]

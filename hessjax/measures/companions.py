@@ -350,14 +350,11 @@ def _pair_change(loss_fn, params, batch, key, sigma, base, partition):
 
 
 def _rademacher(key, params, partition):
-    """One Rademacher probe on the partition's leaves (0 elsewhere), as a list of leaves: 32
-    signs per random 32-bit word of one draw for all leaves (exactly fair, independent signs;
-    a quarter of the random-number work of a float per sign)."""
+    """One Rademacher probe (:func:`hessjax.estimators.random_flat`) on the partition's
+    leaves (0 elsewhere), as a list of leaves."""
     leaves = jax.tree_util.tree_leaves(params)
     n = sum(int(np.size(x)) for x in leaves)
-    words = jax.random.bits(key, (-(-n // 32),), jnp.uint32)
-    bits = ((words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1).reshape(-1)[:n]
-    signs = (2 * bits.astype(jnp.int32) - 1).astype(jnp.result_type(*leaves))
+    signs = estimators.random_flat(key, 1, n, jnp.result_type(*leaves))[0]
     return [
         jnp.zeros_like(x) if u is None else u
         for x, u in zip(leaves, _split_flat(signs, params, partition), strict=True)
