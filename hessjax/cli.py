@@ -175,8 +175,9 @@ _SELECT_OPTIONS = (
 )  # fmt: skip
 _SELECT_DEFAULTS = {"num_iters": 8, "chunk_size": 1, "criterion": "positive"}
 _DEMO_OPTIONS = (
-    ("--examples", _int_at_least(1, all_ok=True),
-     "training examples the measure's max runs over (an int or 'all'; default all)"),
+    ("--train-from", _NONNEG, "mobilenet_v2: fine-tune features.N-18 and the head only "
+     "(0: everything)"),
+    ("--head-factor", _float_in(0.0), "the constraint candidates' head radius / body radius"),
     ("--num-iters", _POSITIVE, "Lanczos steps for the measure"),
     ("--chunk-size", _POSITIVE, "examples vmapped at once (1 is fastest on CPU for conv nets)"),
     ("--output-dir", None, "where everything goes"),
@@ -244,9 +245,13 @@ def _parser() -> argparse.ArgumentParser:
     for flag, kind, _, text in _GRID_OPTIONS:
         kw = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
         s.add_argument(flag, nargs="+", help=text, **kw)
-    _command(sub, "demo", "plain vs robust fine-tuning of MobileNetV2 on noisy Fashion-MNIST; "
-             "table, plot and JSON", _cmd_demo, (_DATA_OPTIONS, demo_cfg),
-             (_DEMO_OPTIONS, demo_cfg))  # fmt: skip
+    d = _command(sub, "demo", "plain, the paper's algorithm and the constraint at radii chosen "
+                 "by the bound, fine-tuning MobileNetV2 on noisy Fashion-MNIST; table, plot and "
+                 "JSON", _cmd_demo, (_DATA_OPTIONS, demo_cfg),
+                 (_DEMO_OPTIONS, demo_cfg))  # fmt: skip
+    d.add_argument("--radii", nargs="+", type=_POSITIVE_FLOAT, default=list(demo_cfg.radii),
+                   help="body radii D of the constraint candidates (--radius/--head-radius: "
+                   "the paper's algorithm's)")  # fmt: skip
     return parser
 
 
@@ -331,8 +336,9 @@ def _cmd_select(args) -> int:
 
 def _cmd_demo(args) -> int:
     names = {f.name for f in dataclasses.fields(DemoConfig)}
-    demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in names}),
-         progress=not args.no_progress)  # fmt: skip
+    cfg = {k: v for k, v in vars(args).items() if k in names}
+    cfg["radii"] = tuple(cfg["radii"])
+    demo(DemoConfig(**cfg), progress=not args.no_progress)
     return 0
 
 
