@@ -56,6 +56,24 @@ def test_measure_vs_gap_smoke(tmp_path):
                 assert above == (float(c) >= m["c_star"] - 1e-9)
 
 
+def test_measure_vs_gap_canonical_only(tmp_path, monkeypatch):
+    """A preset with variant "canonical" and no trace probes (cpu_image_full's options): no
+    reference measure, no Corollary, the same canonical rows."""
+    mod = _load("measure_vs_gap")
+    preset = dict(mod.PRESETS["smoke"], variant="canonical", trace_probes=0, radii=[0.5])
+    monkeypatch.setitem(mod.PRESETS, "smoke", preset)
+    mod.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress"])
+    metrics = _common(tmp_path)
+    assert len(metrics["rows"]) == len(mod.run_specs(preset))
+    for r in metrics["rows"]:
+        assert r["measure_ref"] is None and r["corollary"] is None
+        assert r["measure"] >= 0 and r["bound"] >= r["train_loss"]
+        measured = json.loads((tmp_path / "runs" / r["name"] / "measure.json").read_text())
+        assert "reference" not in measured and "corollary" not in measured
+    assert metrics["summary"]["reference"] is None
+    assert set(mod.PRESETS["cpu_image_full"]) >= set(mod.PRESETS["cpu"])
+
+
 def test_noisy_labels_smoke(tmp_path):
     mod = _load("noisy_labels")
     mod.main(["--preset", "smoke", "--out", str(tmp_path), "--no-progress"])
