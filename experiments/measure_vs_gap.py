@@ -24,10 +24,11 @@ the measure (and the traces) over ALL training examples and every fine-tuned lay
 theorem states it (``examples=None``; MobileNetV2's blocks are PSD, so the measure is the fast
 exact ``psd_blocks`` path); ``cpu_image_full`` every layer fine-tuned at 64x64, 50/75 per
 class, Adam 1e-4 for 10 epochs, radii 1/16-1/2, 17 models, the canonical measure only (no
-reference variant, no Corollary traces: hours on 2 cores); ``gpu`` 96x96, 50/100/200 per class, 30 epochs, all examples, 16
-steps; ``smoke`` digits + tiny_cnn. Writes config.json, metrics.json, table.md and plots into
-``--out`` (default ``experiments/results/measure_vs_gap``); runs are resumable (per-run
-directories under ``runs/``; finished measurements are reused).
+reference variant, no Corollary traces: hours on 2 cores); ``gpu`` 96x96, 50/100/200 per
+class, 30 epochs, all examples, 16 steps; ``smoke`` digits + tiny_cnn. Writes config.json,
+metrics.json, table.md and plots into ``--out`` (default
+``experiments/results/measure_vs_gap``); runs are resumable (per-run directories under
+``runs/``; finished measurements are reused).
 """
 
 from __future__ import annotations
