@@ -22,7 +22,9 @@ Tasks (each timed after a first call; ``first_call_s`` is the first call, compil
   probes x 4 steps (hessjax only; products: per-example block products, ``block_hvp``);
 * ``noise_stability``: :func:`hessjax.measures.noise_stability`, 4 antithetic draws and 4
   probes (hessjax only; its ratio is over 4 products plus 9 loss evaluations, ``loss``);
-* ``quadform``: one quadratic form ``v^T f(H) v`` by 20 Lanczos steps (hessjax only).
+* ``quadform``: one quadratic form ``v^T f(H) v`` by 20 Lanczos steps (hessjax only);
+  ``quadform_noreorth`` / ``density_noreorth``: the quadratic form and the density with
+  ``reorthogonalize=False`` (the three-term recurrence alone; hessjax only).
 
 Every task reports its number of Hessian-vector products and ``ratio_to_products``: its time
 over (products x the time of one product, measured in the same round). Rounds are interleaved
@@ -70,6 +72,8 @@ TASKS = (
     "layer_traces",
     "noise_stability",
     "quadform",
+    "quadform_noreorth",
+    "density_noreorth",
 )
 BATCH, IMAGE, CLASSES, SEED = 32, 32, 10, 0
 MODELS = ("mobilenet_v2", "mlp", "minilm")
@@ -245,6 +249,7 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
             TOP5_STEPS,
         ),
         "density": lambda: _density(estimators, matvec, params, key),
+        "density_noreorth": lambda: _density(estimators, matvec, params, key, False),
         "power5": lambda: _power(estimators, matvec, params, key),
         "measure_canonical": lambda: (measure("canonical", num_iters=8), m * 8),
         "measure_reference": lambda: (measure("reference"), m / 4),
@@ -282,6 +287,18 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
             ),
             QUAD_STEPS,
         ),
+        "quadform_noreorth": lambda: (
+            float(
+                estimators.quadratic_form(
+                    matvec,
+                    v,
+                    estimators.positive_part,
+                    num_iters=QUAD_STEPS,
+                    reorthogonalize=False,
+                )
+            ),
+            QUAD_STEPS,
+        ),  # fmt: skip
         "block_hvp": lambda: (
             _first(block(block_product(part.restrict(v)), 0)),
             1,
@@ -302,10 +319,11 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
     return info, {t: runs[t] for t in tasks + ("block_hvp", "hvp", "loss") if t in runs}
 
 
-def _density(estimators, matvec, params, key):
+def _density(estimators, matvec, params, key, reorthogonalize=True):
     out = estimators.spectral_density(
-        matvec, params, key, num_probes=DENSITY_PROBES, num_iters=DENSITY_STEPS
-    )
+        matvec, params, key, num_probes=DENSITY_PROBES, num_iters=DENSITY_STEPS,
+        reorthogonalize=reorthogonalize,
+    )  # fmt: skip
     return float(out.nodes.max()), DENSITY_PROBES * DENSITY_STEPS
 
 

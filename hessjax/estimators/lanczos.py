@@ -85,9 +85,10 @@ def _lanczos_init(v0: PyTree, num_iters: int, part: Partition) -> tuple:
     )
 
 
-def _lanczos_next(part: Partition, num_iters: int, dtype) -> Any:
+def _lanczos_next(part: Partition, num_iters: int, dtype, reorthogonalize: bool = True) -> Any:
     """Step ``j`` of the recurrence given ``w = H q_j``, except writing ``q_{j+1}`` into the
-    basis: ``next(j, state, w) -> (alphas, betas, active, num_valid, scale), q_{j+1}``."""
+    basis: ``next(j, state, w) -> (alphas, betas, active, num_valid, scale), q_{j+1}``;
+    ``reorthogonalize=False``: the three-term recurrence alone."""
     tol = _BREAKDOWN_RTOL * math.sqrt(num_iters) * float(jnp.finfo(dtype).eps)
     dots = jax.vmap(part.dot, in_axes=(0, None))
 
@@ -96,8 +97,16 @@ def _lanczos_next(part: Partition, num_iters: int, dtype) -> Any:
         q = jax.tree_util.tree_map(lambda x: x[j], basis)
         alpha = part.dot(q, w)
         scale = jnp.maximum(scale, jnp.sqrt(part.sq_norms(w)))
-        for _ in range(2):  # full reorthogonalisation: classical Gram-Schmidt, twice
-            w = jax.tree_util.tree_map(jnp.subtract, w, combine_basis(part, basis, dots(basis, w)))
+        if reorthogonalize:  # full reorthogonalisation: classical Gram-Schmidt, twice
+            for _ in range(2):
+                coefs = dots(basis, w)
+                w = jax.tree_util.tree_map(jnp.subtract, w, combine_basis(part, basis, coefs))
+        else:  # w - alpha_j q_j - beta_{j-1} q_{j-1}
+            prev = jnp.maximum(j - 1, 0)
+            q_prev = jax.tree_util.tree_map(lambda x: x[prev], basis)
+            beta_prev = jnp.where(j > 0, betas[prev], 0)
+            w = jax.tree_util.tree_map(jnp.subtract, w, part.scale(q, alpha))
+            w = jax.tree_util.tree_map(jnp.subtract, w, part.scale(q_prev, beta_prev))
         beta = jnp.sqrt(part.sq_norms(w))
         ok = active & (beta > tol * scale)
         alphas = alphas.at[j].set(jnp.where(active, alpha, 0))
@@ -113,9 +122,9 @@ def _put_rows(basis: PyTree, j: jax.Array, q_next: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x, y: x.at[j + 1].set(y, mode="drop"), basis, q_next)
 
 
-def _lanczos_update(part: Partition, num_iters: int, dtype) -> Any:
+def _lanczos_update(part: Partition, num_iters: int, dtype, reorthogonalize: bool = True) -> Any:
     """Step ``j`` of the recurrence given ``w = H q_j``: everything but the product."""
-    next_vector = _lanczos_next(part, num_iters, dtype)
+    next_vector = _lanczos_next(part, num_iters, dtype, reorthogonalize)
 
     def update(j, state, w):
         scalars, q_next = next_vector(j, state, w)
@@ -215,11 +224,14 @@ def _flat_host(
     part: Partition,
     keep_basis: bool = True,
     flat_start: jax.Array | None = None,
+    reorthogonalize: bool = True,
 ) -> Any:
     """The host loop of one layer over every leaf, on raveled vectors (see :func:`_flat_steps`):
     per step ``q_j`` as a pytree, the shared product, prepare, one (rarely two) projection
     passes, finish, the row write. Same numbers as the ``lax`` loop to rounding.
-    ``flat_start``: the start vector already raveled (``v0`` then only gives the shapes)."""
+    ``flat_start``: the start vector already raveled (``v0`` then only gives the shapes).
+    ``reorthogonalize=False``: no projection passes; without ``keep_basis`` no basis is stored
+    either (three vectors of memory)."""
     unravel, ravel = flat_unravel(v0), flat_ravel
     n, dtype = flat_size(v0)
     num_blocks = -(-num_iters // _BLOCK)
@@ -240,11 +252,13 @@ def _flat_host(
     if start is None or product is None:
         return None
     scalars, q = start(x0)
-    block = jnp.zeros((_BLOCK, n), dtype)
-    put = memo_compile(static + ("put",), _put_row, block, np.int32(0), q, donate_argnums=(0,))
-    blocks = [put(block, np.int32(0), q)] + [
-        jnp.zeros((_BLOCK, n), dtype) for _ in range(1, num_blocks)
-    ]
+    store = keep_basis or reorthogonalize  # else three vectors: q_prev, q, w
+    if store:
+        block = jnp.zeros((_BLOCK, n), dtype)
+        put = memo_compile(static + ("put",), _put_row, block, np.int32(0), q, donate_argnums=(0,))
+        blocks = [put(block, np.int32(0), q)] + [
+            jnp.zeros((_BLOCK, n), dtype) for _ in range(1, num_blocks)
+        ]
     tree = memo_compile(static + ("unravel",), unravel, q)
     first = np.int32(0)
     hq = product(tree(q))
@@ -257,19 +271,20 @@ def _flat_host(
         if j:
             hq = product(tree(q))
         w, alpha, scale, before = prepare(np.int32(j), scalars, hq, q, q_prev)
-        if filled not in projections:
+        if reorthogonalize and filled not in projections:
             projections[filled] = memo_compile(
                 static + ("project",), project, blocks[:filled], w
             )  # fmt: skip
-        w, after = projections[filled](blocks[:filled], w)
-        if float(after[()]) < _DGKS * float(before[()]):
-            w, _ = projections[filled](blocks[:filled], w)
+        if reorthogonalize:
+            w, after = projections[filled](blocks[:filled], w)
+            if float(after[()]) < _DGKS * float(before[()]):
+                w, _ = projections[filled](blocks[:filled], w)
         if finish_step is None:
             finish_step = memo_compile(
                 static + ("finish",), finish, np.int32(j), scalars, w, alpha, scale
             )  # fmt: skip
         scalars, q_next = finish_step(np.int32(j), scalars, w, alpha, scale)
-        if j + 1 < num_iters:
+        if store and j + 1 < num_iters:
             b, i = divmod(j + 1, _BLOCK)
             blocks[b] = put(blocks[b], np.int32(i), q_next)
         q_prev, q = q, q_next
@@ -287,17 +302,18 @@ def _lanczos_host(
     part: Partition,
     keep_basis: bool = True,
     flat_start: jax.Array | None = None,
+    reorthogonalize: bool = True,
 ) -> Any:
     """The steps from Python: per step ``q_j`` (small program), ``H q_j`` (the shared product
     program, :func:`compiled_matvec`), the next vector (small program), its row written into
     the basis (small program, basis donated)."""
     if flat_layout(part, v0):
-        return _flat_host(matvec, v0, num_iters, part, keep_basis, flat_start)
+        return _flat_host(matvec, v0, num_iters, part, keep_basis, flat_start, reorthogonalize)
     if flat_start is not None:
         raise ValueError("flat_start: only for one layer of every leaf, of one dtype")
     dtype = tree_dtype(v0)
-    next_vector = _lanczos_next(part, num_iters, dtype)
-    static = ("lanczos_layers", num_iters, str(jnp.dtype(dtype)), part)
+    next_vector = _lanczos_next(part, num_iters, dtype, reorthogonalize)
+    static = ("lanczos_layers", num_iters, str(jnp.dtype(dtype)), part, reorthogonalize)
     init = memo_compile(static + ("init",), lambda v: _lanczos_init(v, num_iters, part), v0)
     product = compiled_matvec(matvec, v0)
     if init is None or product is None:
@@ -328,6 +344,7 @@ def lanczos_run(
     host: bool = False,
     keep_basis: bool = True,
     flat_start: jax.Array | None = None,
+    reorthogonalize: bool = True,
 ) -> LanczosResult:
     """Lanczos on the layers of ``part`` at once; scalars with a leading ``(L,)`` axis.
 
@@ -338,14 +355,17 @@ def lanczos_run(
     tridiagonal matrix: quadrature, eigenvalues without vectors). ``flat_start``: the start
     vector raveled (``flat_layout(part, v0)``; ``v0`` then gives only the shapes and dtypes),
     for callers that drew it raveled (:func:`~hessjax.estimators._base.draw_flat`).
+    ``reorthogonalize=False``: the three-term recurrence alone (see :func:`lanczos`).
     """
+    if not isinstance(reorthogonalize, (bool, np.bool_)):
+        raise TypeError(f"reorthogonalize: expected a bool, got {reorthogonalize!r}")
     if host:
-        res = _lanczos_host(matvec, v0, num_iters, part, keep_basis, flat_start)
+        res = _lanczos_host(matvec, v0, num_iters, part, keep_basis, flat_start, reorthogonalize)
         if res is not None:
             return res
     if flat_start is not None:
         v0 = flat_unravel(v0)(flat_start)
-    update = _lanczos_update(part, num_iters, tree_dtype(v0))
+    update = _lanczos_update(part, num_iters, tree_dtype(v0), reorthogonalize)
 
     def body(j, state):
         return update(j, state, matvec(jax.tree_util.tree_map(lambda x: x[j], state[0])))
@@ -361,6 +381,7 @@ def lanczos(
     num_iters: int,
     partition: Partition | None = None,
     map_fn: MapFn | None = None,
+    reorthogonalize: bool = True,
 ) -> LanczosResult:
     """Lanczos tridiagonalisation with full reorthogonalisation, started at ``v0``.
 
@@ -377,13 +398,20 @@ def lanczos(
     ``num_valid = j + 1``: the Ritz values of the valid block are then exact eigenvalues of
     ``H`` (with ``num_iters >= dim`` and a generic start, all of them). With a ``partition`` the
     matvec is taken as block-diagonal and every layer runs its own recurrence, all at once on
-    one pytree (per-layer inner products and breakdowns).
+    one pytree (per-layer inner products and breakdowns). ``reorthogonalize=False`` keeps only
+    the three-term recurrence ``beta_j q_{j+1} = H q_j - alpha_j q_j - beta_{j-1} q_{j-1}``
+    (Lanczos' original method): in exact arithmetic the same ``T``; in floating point the basis
+    loses orthogonality as Ritz values converge and converged ones reappear as copies ("ghosts",
+    Paige 1976), and exhaustion is no longer detected reliably. Its Gauss quadrature stays
+    accurate (Knizhnerman 1996; Meurant & Strakos, Acta Numerica 2006), which is why the
+    quadrature estimators offer it: no vector passes over the basis, and in the host loop
+    without ``basis`` no stored basis at all.
 
     Cost: ``num_iters`` matvecs (one per step for all layers); memory ``num_iters`` vectors
     (the basis) plus O(num_iters) work per step for the reorthogonalisation (``4 num_iters``
     vector operations in the ``lax`` loop; about ``2 (j + 8)`` at step ``j`` in the host
-    loop). On CPU, MobileNetV2 at 32x32 (2.2M parameters), 40 steps took about 1.4x their
-    40 products (``experiments/bench_peers.py``).
+    loop; ``reorthogonalize=False``: 3 per step). On CPU, MobileNetV2 at 32x32 (2.2M
+    parameters), 40 steps took about 1.4x their 40 products (``experiments/bench_peers.py``).
 
     Args:
       matvec: ``v -> H v``, symmetric (block-diagonal with a partition).
@@ -394,6 +422,7 @@ def lanczos(
         :func:`hessjax.mapping.default_map_fn`). With :func:`hessjax.mapping.host_map` (the
         default on CPU) and no tracers, the steps run from Python, each one call of a step
         compiled once per shapes; inside ``jit`` a ``lax.fori_loop``. Same numbers.
+      reorthogonalize: keyword-only, ``False`` for the plain three-term recurrence (above).
 
     Returns:
       A :class:`LanczosResult` ``(alphas, betas, basis, num_valid)``.
@@ -411,7 +440,9 @@ def lanczos(
 
     References:
       Lanczos 1950; Golub & Van Loan, "Matrix computations", section 10.1 (full
-      reorthogonalisation); Ju, Li & Zhang, ICML 2022.
+      reorthogonalisation); Paige, "Error analysis of the Lanczos algorithm", 1976; Meurant &
+      Strakos, "The Lanczos and conjugate gradient algorithms in finite precision
+      arithmetic", Acta Numerica 2006; Ju, Li & Zhang, ICML 2022.
     """
     num_iters = check_int("num_iters", num_iters)
     part, per_layer = probe_layout(v0, partition, "v0")
@@ -419,7 +450,8 @@ def lanczos(
     if not any(isinstance(x, jax.core.Tracer) for x in leaves):
         if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
             raise ValueError("v0: the start vector holds NaN or inf values")
-    res = lanczos_run(matvec, v0, num_iters, part, host=host_loops(map_fn, v0))
+    host = host_loops(map_fn, v0)
+    res = lanczos_run(matvec, v0, num_iters, part, host=host, reorthogonalize=reorthogonalize)
     if per_layer:
         return res
     return LanczosResult(res.alphas[0], res.betas[0], res.basis, res.num_valid[0])

@@ -85,6 +85,7 @@ def _host_probes(
     num_iters: int,
     part: Partition,
     finish: Callable,
+    reorthogonalize: bool = True,
 ) -> PyTree | None:
     """``finish(lanczos(z_p), ||z_p||^2 per layer)`` for ``num`` Rademacher probes (those of
     :func:`draw_probes`), stacked; the Lanczos steps of one probe after another from Python
@@ -103,10 +104,11 @@ def _host_probes(
     for p in range(num):
         z = take(probes, np.int32(p))
         if flat:
-            res = lanczos_run(matvec, like, num_iters, part, host=True,
-                              keep_basis=False, flat_start=z)  # fmt: skip
+            res = lanczos_run(matvec, like, num_iters, part, host=True, keep_basis=False,
+                              flat_start=z, reorthogonalize=reorthogonalize)  # fmt: skip
         else:
-            res = lanczos_run(matvec, z, num_iters, part, host=True, keep_basis=False)
+            res = lanczos_run(matvec, z, num_iters, part, host=True, keep_basis=False,
+                              reorthogonalize=reorthogonalize)  # fmt: skip
         out.append(run_compiled(lambda r, x: finish(r, sq(x)), res, z))
     return run_compiled(lambda xs: jax.tree_util.tree_map(lambda *r: jnp.stack(r), *xs), out)
 
@@ -119,6 +121,7 @@ def quadratic_form(
     num_iters: int,
     partition: Partition | None = None,
     map_fn: MapFn | None = None,
+    reorthogonalize: bool = True,
 ) -> jax.Array:
     """``v^T f(H) v`` by Lanczos (Gauss) quadrature started at ``v``.
 
@@ -143,6 +146,10 @@ def quadratic_form(
       partition: optional layers; the result then has shape ``(L,)``.
       map_fn: keyword-only, the loop strategy (:func:`hessjax.estimators.lanczos`); under
         ``vmap``/``jit`` always a ``lax`` loop.
+      reorthogonalize: keyword-only; ``False``: Lanczos without reorthogonalisation
+        (:func:`hessjax.estimators.lanczos`): no passes over the basis and, in the host loop,
+        no stored basis (memory three vectors), at the price of ghost Ritz values, which the
+        quadrature tolerates (Meurant & Strakos 2006), and of exactness at exhaustion.
 
     Returns:
       The scalar ``v^T f(H) v``, or the ``(L,)`` per-layer values.
@@ -164,7 +171,9 @@ def quadratic_form(
     num_iters = check_int("num_iters", num_iters)
     part, per_layer = probe_layout(v, partition, "v")
     num_iters = min(num_iters, max(part.sizes))
-    res = lanczos_run(matvec, v, num_iters, part, host=host_loops(map_fn, v), keep_basis=False)
+    host = host_loops(map_fn, v)
+    res = lanczos_run(matvec, v, num_iters, part, host=host, keep_basis=False,
+                      reorthogonalize=reorthogonalize)  # fmt: skip
     value = run_compiled(lambda res, v: _gauss_quadrature(res, part.sq_norms(v), fn), res, v)
     return value if per_layer else value[0]
 
@@ -207,6 +216,7 @@ def trace_of_function(
     chunk_size: int | None = None,
     partition: Partition | None = None,
     map_fn: MapFn | None = None,
+    reorthogonalize: bool = True,
 ) -> Estimate:
     """``Tr f(H)`` by stochastic Lanczos quadrature (e.g. ``Tr H^+`` per layer).
 
@@ -231,6 +241,8 @@ def trace_of_function(
         :func:`hessjax.chunked_vmap`); ``hessjax.sharding.mesh_map(mesh)`` splits the probes
         (each with its own Lanczos run) over a mesh; same probes as without, so the same result
         for the same ``key`` (to float tolerance).
+      reorthogonalize: keyword-only; ``False``: no reorthogonalisation (see
+        :func:`quadratic_form`).
 
     Returns:
       ``Estimate(value, stderr)`` (stderr NaN for one probe).
@@ -258,12 +270,15 @@ def trace_of_function(
     finish = lambda res, sq: _gauss_quadrature(res, sq, fn)
     samples = None
     if host_loops(map_fn, key):
-        samples = _host_probes(matvec, like, key, num_probes, num_iters, part, finish)
+        samples = _host_probes(
+            matvec, like, key, num_probes, num_iters, part, finish, reorthogonalize
+        )
     if samples is None:
         probes = draw_probes(key, like, part, num_probes)
 
         def one(z: PyTree) -> jax.Array:
-            return finish(lanczos_run(matvec, z, num_iters, part), part.sq_norms(z))
+            res = lanczos_run(matvec, z, num_iters, part, reorthogonalize=reorthogonalize)
+            return finish(res, part.sq_norms(z))
 
         samples = map_probes(one, probes, chunk_size, map_fn)  # (num_probes, L)
     return run_compiled(lambda x: squeeze_layers(probe_stats(x), per_layer), samples)
@@ -281,6 +296,7 @@ def spectral_density(
     num_grid: int = 1000,
     chunk_size: int | None = None,
     map_fn: MapFn | None = None,
+    reorthogonalize: bool = True,
 ) -> SpectralDensity:
     """The eigenvalue density of ``H`` by stochastic Lanczos quadrature, Gaussian-broadened.
 
@@ -312,6 +328,9 @@ def spectral_density(
         :func:`hessjax.chunked_vmap`); ``hessjax.sharding.mesh_map(mesh)`` splits the probes
         (each with its own Lanczos run) over a mesh; same probes as without, so the same result
         for the same ``key`` (to float tolerance).
+      reorthogonalize: keyword-only; ``False``: no reorthogonalisation (see
+        :func:`quadratic_form`; a ghost copy of a converged Ritz value splits its weight, so
+        the density is unchanged to the quadrature's accuracy).
 
     Returns:
       A :class:`SpectralDensity` ``(grid, density, nodes, weights)``.
@@ -352,11 +371,12 @@ def spectral_density(
 
     out = None
     if host_loops(map_fn, key):
-        out = _host_probes(matvec, like, key, num_probes, num_iters, part, finish)
+        out = _host_probes(matvec, like, key, num_probes, num_iters, part, finish, reorthogonalize)
     if out is None:
         probes = draw_probes(key, like, part, num_probes)
+        run = lambda z: lanczos_run(matvec, z, num_iters, part, reorthogonalize=reorthogonalize)
         out = map_probes(
-            lambda z: finish(lanczos_run(matvec, z, num_iters, part), None),
+            lambda z: finish(run(z), None),
             probes,
             chunk_size,
             map_fn,

@@ -171,3 +171,102 @@ def test_one_step_quadrature_is_the_clipped_form_per_layer(jit):
     np.testing.assert_allclose(got, [8.0, 0.0], rtol=1e-6)
     one = E.positive_quadratic_form(lambda v: 3.0 * v, jnp.ones(3), num_iters=1)
     np.testing.assert_allclose(one, 9.0, rtol=1e-6)
+
+
+# ------------------------------------------------------- without reorthogonalisation
+class NoReorthogonalisationTest(chex.TestCase):
+    """``reorthogonalize=False`` (three-term recurrence only) against the dense references:
+    the Gauss rule is exact for polynomials of degree < 2m, and with m = dim the positive part
+    and exp are the eigh values; the host loop (no jit, the CPU default) and the lax loop."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*DTYPES)
+    def test_quadratic_forms(self, dtype):
+        rng = np.random.default_rng(4)
+        a, _ = dense(rng, rng.normal(size=N))
+        x = rng.normal(size=N)
+        w, u = np.linalg.eigh(a)
+        with precision(dtype):
+            matvec = dense_matvec(a, SHAPES, dtype)
+            v = to_tree(x, SHAPES, dtype)
+
+            def form(fn, steps):
+                return self.variant(
+                    lambda v: E.quadratic_form(
+                        matvec, v, fn, num_iters=steps, reorthogonalize=False
+                    )
+                )(v)
+
+            cubic = form(lambda t: t**3, 2)  # degree 3 < 2 x 2: exact
+            pos = form(E.positive_part, N)
+            exp = form(jnp.exp, N)
+        assert cubic.dtype == dtype
+        np.testing.assert_allclose(cubic, x @ a @ a @ a @ x, rtol=tol(dtype))
+        np.testing.assert_allclose(pos, x @ psd_part(a) @ x, rtol=tol(dtype), atol=tol(dtype))
+        np.testing.assert_allclose(exp, x @ (u * np.exp(w)) @ u.T @ x, rtol=tol(dtype))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*DTYPES)
+    def test_per_layer(self, dtype):
+        rng = np.random.default_rng(6)
+        with precision(dtype):
+            matvec, part, (a1, a2), _ = block_problem(rng, dtype)
+            x = rng.normal(size=22)
+            v = to_tree(x, BLOCK_SHAPES, dtype)
+            sq = self.variant(
+                lambda v: E.quadratic_form(
+                    matvec, v, lambda t: t**2, num_iters=2, partition=part,
+                    reorthogonalize=False,
+                )
+            )(v)  # fmt: skip
+        ref = [x[:12] @ a1 @ a1 @ x[:12], x[12:18] @ a2 @ a2 @ x[12:18]]
+        np.testing.assert_allclose(sq, ref, rtol=tol(dtype))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*DTYPES)
+    def test_trace_and_density_match_full_reorthogonalisation(self, dtype):
+        """Same probes (same key), so the same samples as with full reorthogonalisation; both
+        against Tr H^+ from eigh within the estimator's own standard error."""
+        rng = np.random.default_rng(12)
+        lam = rng.normal(size=N)
+        a, _ = dense(rng, lam)
+        with precision(dtype):
+            matvec = dense_matvec(a, SHAPES, dtype)
+
+            def trace(reo):
+                return self.variant(
+                    lambda k: E.trace_of_function(
+                        matvec, like(SHAPES, dtype), k, E.positive_part, num_probes=8,
+                        num_iters=N, reorthogonalize=reo,
+                    )
+                )(jax.random.key(3))  # fmt: skip
+
+            plain, full = trace(False), trace(True)
+
+            def density(reo):  # a smooth kernel: Gauss quadrature is accurate for it
+                return self.variant(
+                    lambda k: E.spectral_density(
+                        matvec, like(SHAPES, dtype), k, num_probes=2, num_iters=N,
+                        grid=jnp.linspace(-4.0, 4.0, 33, dtype=dtype), sigma=0.5,
+                        reorthogonalize=reo,
+                    )
+                )(jax.random.key(1))  # fmt: skip
+
+            dens, dens_full = density(False), density(True)
+        np.testing.assert_allclose(plain.value, full.value, rtol=tol(dtype))
+        np.testing.assert_allclose(plain.stderr, full.stderr, rtol=tol(dtype, 1e-3))
+        assert abs(float(plain.value) - np.maximum(lam, 0).sum()) < 4 * float(plain.stderr)
+        np.testing.assert_allclose(np.asarray(dens.weights).sum(axis=1), 1.0, rtol=tol(dtype))
+        np.testing.assert_allclose(dens.density, dens_full.density, atol=tol(dtype))
+
+    def test_lanczos_keeps_the_same_tridiagonal(self):
+        rng = np.random.default_rng(2)
+        a, _ = dense(rng, rng.normal(size=N))
+        matvec = dense_matvec(a, SHAPES, np.float32)
+        v = to_tree(rng.normal(size=N), SHAPES, np.float32)
+        full = E.lanczos(matvec, v, num_iters=5)
+        plain = E.lanczos(matvec, v, num_iters=5, reorthogonalize=False)
+        np.testing.assert_allclose(plain.alphas, full.alphas, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(plain.betas, full.betas, rtol=1e-4, atol=1e-5)
+        with pytest.raises(TypeError, match="reorthogonalize"):
+            E.quadratic_form(matvec, v, E.positive_part, num_iters=3, reorthogonalize="no")
