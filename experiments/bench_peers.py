@@ -43,6 +43,11 @@ Usage::
     .venv/bin/python experiments/bench_peers.py --no-compilation-cache \
         [--torch-python /tmp/torchenv/bin/python] [--rounds 3] [--tasks hvp hutchinson ...] \
         [--out experiments/results/bench_peers.json]
+
+On a GPU: ``--torch-device cuda`` runs the peers there too (the timed tasks end in a host read of
+their value, which waits for the device; JAX's work is waited for the same way), and
+``--map-fn host | vmap`` picks hessjax's loop strategy (the default: a host loop on CPU,
+:func:`hessjax.mapping.chunked_vmap` elsewhere), so one run per strategy measures both.
 """
 
 from __future__ import annotations
@@ -195,15 +200,28 @@ def problem(model_name: str, inputs: Path):
     return params, loss, example_loss, batch, later
 
 
+MAP_FNS = ("default", "host", "vmap")
+
+
 def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
-                 model_name: str = "mobilenet_v2"):  # fmt: skip
-    """Returns ``(info, {task: callable -> (value, products)})`` for the hessjax side."""
+                 model_name: str = "mobilenet_v2", map_fn: str = "default"):  # fmt: skip
+    """Returns ``(info, {task: callable -> (value, products)})`` for the hessjax side.
+
+    ``map_fn``: the loop strategy of the estimators (``default``: the backend's,
+    :func:`hessjax.mapping.default_map_fn`; ``host``: :func:`hessjax.mapping.host_map`, a
+    Python loop over the compiled product; ``vmap``: :func:`hessjax.mapping.chunked_vmap`, the
+    loop inside one compiled program).
+    """
     import jax
     import jax.numpy as jnp
 
     import hessjax
     from hessjax import estimators
-    from hessjax.mapping import compile_once
+    from hessjax.mapping import chunked_vmap, compile_once, default_map_fn, host_map
+
+    if map_fn not in MAP_FNS:
+        raise ValueError(f"map_fn: expected one of {MAP_FNS}, got {map_fn!r}")
+    mf = {"default": None, "host": host_map, "vmap": chunked_vmap}[map_fn]
 
     params, loss, example_loss, batch, later = problem(model_name, inputs)
     setup_s, matvec = _timed(lambda: hessjax.hvp_fn(loss, params, batch))
@@ -230,27 +248,37 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
     runs = {
         "hvp": lambda: (_first(block(product(v), 0)), 1),
         "hutchinson": lambda: (
-            float(estimators.hutchinson_trace(matvec, params, key, num_probes=NUM_PROBES).value),
+            float(
+                estimators.hutchinson_trace(
+                    matvec, params, key, num_probes=NUM_PROBES, map_fn=mf
+                ).value
+            ),
             NUM_PROBES,
         ),
         "hutchpp": lambda: (
-            float(estimators.hutchpp_trace(matvec, params, key, num_probes=HUTCHPP).value),
+            float(
+                estimators.hutchpp_trace(matvec, params, key, num_probes=HUTCHPP, map_fn=mf).value
+            ),
             HUTCHPP,
         ),
         "top1": lambda: (
-            float(estimators.eigenvalues(matvec, params, key, k=1, num_iters=TOP1_STEPS)[0]),
+            float(
+                estimators.eigenvalues(matvec, params, key, k=1, num_iters=TOP1_STEPS, map_fn=mf)[0]
+            ),
             TOP1_STEPS,
         ),
         "top5": lambda: (
             [
                 float(x)
-                for x in estimators.eigenvalues(matvec, params, key, k=5, num_iters=TOP5_STEPS)
+                for x in estimators.eigenvalues(
+                    matvec, params, key, k=5, num_iters=TOP5_STEPS, map_fn=mf
+                )
             ],
             TOP5_STEPS,
         ),
-        "density": lambda: _density(estimators, matvec, params, key),
-        "density_noreorth": lambda: _density(estimators, matvec, params, key, False),
-        "power5": lambda: _power(estimators, matvec, params, key),
+        "density": lambda: _density(estimators, matvec, params, key, map_fn=mf),
+        "density_noreorth": lambda: _density(estimators, matvec, params, key, False, mf),
+        "power5": lambda: _power(estimators, matvec, params, key, mf),
         "measure_canonical": lambda: (measure("canonical", num_iters=8), m * 8),
         "measure_reference": lambda: (measure("reference"), m / 4),
         "layer_traces": lambda: (
@@ -283,7 +311,9 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
         ),  # fmt: skip
         "quadform": lambda: (
             float(
-                estimators.quadratic_form(matvec, v, estimators.positive_part, num_iters=QUAD_STEPS)
+                estimators.quadratic_form(
+                    matvec, v, estimators.positive_part, num_iters=QUAD_STEPS, map_fn=mf
+                )
             ),
             QUAD_STEPS,
         ),
@@ -295,6 +325,7 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
                     estimators.positive_part,
                     num_iters=QUAD_STEPS,
                     reorthogonalize=False,
+                    map_fn=mf,
                 )
             ),
             QUAD_STEPS,
@@ -315,28 +346,34 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0]),
+        "map_fn": map_fn,
+        "map_fn_used": getattr(mf or default_map_fn(), "__name__", str(mf)),
     }
     return info, {t: runs[t] for t in tasks + ("block_hvp", "hvp", "loss") if t in runs}
 
 
-def _density(estimators, matvec, params, key, reorthogonalize=True):
+def _density(estimators, matvec, params, key, reorthogonalize=True, map_fn=None):
     out = estimators.spectral_density(
         matvec, params, key, num_probes=DENSITY_PROBES, num_iters=DENSITY_STEPS,
-        reorthogonalize=reorthogonalize,
+        reorthogonalize=reorthogonalize, map_fn=map_fn,
     )  # fmt: skip
     return float(out.nodes.max()), DENSITY_PROBES * DENSITY_STEPS
 
 
-def _power(estimators, matvec, params, key):
+def _power(estimators, matvec, params, key, map_fn=None):
     vals, _, count = estimators.power_iteration(
-        matvec, params, key, k=5, num_iters=POWER_ITERS, tol=POWER_TOL
+        matvec, params, key, k=5, num_iters=POWER_ITERS, tol=POWER_TOL, map_fn=map_fn
     )
     return [float(x) for x in vals], int(count)
 
 
 # --------------------------------------------------------------------------- torch side
-def _torch_worker(inputs: str, weights: str, tasks: list[str], threads: int, full: bool) -> None:
-    """The torch peers, driven by lines on stdin ("round") and answering JSON lines."""
+def _torch_worker(
+    inputs: str, weights: str, tasks: list[str], threads: int, full: bool, device: str = "cpu"
+) -> None:
+    """The torch peers, driven by lines on stdin ("round") and answering JSON lines; ``device``:
+    where the model, the batch and the vectors live (``cpu`` or ``cuda``; every timed task ends
+    in a host read of its value, which waits for the device)."""
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     sys.stdout = sys.stderr  # the peers' own prints must not mix with the answers
     import numpy as np
@@ -353,8 +390,9 @@ def _torch_worker(inputs: str, weights: str, tasks: list[str], threads: int, ful
         model.classifier[1].weight.copy_(torch.from_numpy(data["head"]))
         model.classifier[1].bias.zero_()
     model.eval()
-    x = torch.from_numpy(data["x"]).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(data["y"]).long()
+    model.to(device)
+    x = torch.from_numpy(data["x"]).permute(0, 3, 1, 2).contiguous().to(device)
+    y = torch.from_numpy(data["y"]).long().to(device)
     crit = torch.nn.CrossEntropyLoss()
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -443,7 +481,7 @@ def _torch_worker(inputs: str, weights: str, tasks: list[str], threads: int, ful
 
         def ph(method, **kw):
             counter[0] = 0
-            h = pyhessian.hessian(model, crit, data=(x, y), cuda=False)
+            h = pyhessian.hessian(model, crit, data=(x, y), cuda=device == "cuda")
             out = getattr(h, method)(**kw)
             return out, counter[0]
 
@@ -468,7 +506,8 @@ def _torch_worker(inputs: str, weights: str, tasks: list[str], threads: int, ful
         runs["pyhessian_error"] = repr(e)
     errors = {k: v for k, v in runs.items() if isinstance(v, str)}
     runs = {k: v for k, v in runs.items() if not isinstance(v, str) and k.split("/")[0] in tasks}
-    info = {"loss": loss0, "torch": torch.__version__, "threads": threads, "errors": errors}
+    info = {"loss": loss0, "torch": torch.__version__, "threads": threads, "errors": errors,
+            "device": device}  # fmt: skip
     print(json.dumps({"info": info}), file=protocol, flush=True)
     for line in sys.stdin:
         if line.strip() != "round":
@@ -529,6 +568,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
     parser.add_argument("--torch-python", default=None, help="interpreter with the torch peers")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (OMP too)")
+    parser.add_argument("--torch-device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the torch peers run")  # fmt: skip
+    parser.add_argument("--map-fn", default="default", choices=MAP_FNS,
+                        help="hessjax's loop strategy: the backend's default, a host loop over "
+                        "the compiled product, or the loop inside one program (vmap)")  # fmt: skip
     parser.add_argument("--torch-rounds", type=int, default=None, help="torch: the last N rounds")
     parser.add_argument("--all-peers", action="store_true",
                         help="also eigenthings' traces, PyHessian's density")  # fmt: skip
@@ -544,7 +588,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.torch_python and args.model != "mobilenet_v2":
         parser.error(f"--torch-python: the peers run MobileNetV2 only, not --model {args.model}")
     if args.torch_worker:
-        _torch_worker(*args.torch_worker, list(tasks), args.threads, args.all_peers)
+        _torch_worker(
+            *args.torch_worker, list(tasks), args.threads, args.all_peers, args.torch_device
+        )
         return {}
 
     import hessjax.experiment as hexp
@@ -558,13 +604,14 @@ def main(argv: list[str] | None = None) -> dict:
         weights = str(mobilenet_v2_weights_path())
         cmd = [args.torch_python, __file__, "--torch-worker", str(inputs), weights]
         cmd += ["--threads", str(args.threads), "--tasks", *tasks]
+        cmd += ["--torch-device", args.torch_device]
         cmd += ["--all-peers"] if args.all_peers else []
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         worker = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
         torch_info = _answer(worker)["info"]
-    info, runs = hessjax_side(inputs, tasks, args.num_examples, args.model)
+    info, runs = hessjax_side(inputs, tasks, args.num_examples, args.model, args.map_fn)
     rounds_j, rounds_t, loads = [], [], []
     for r in range(args.rounds):
         loads.append(os.getloadavg())
