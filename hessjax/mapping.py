@@ -4,10 +4,11 @@ The probe estimators map a matvec over probe vectors and the measures map a per-
 computation over examples. Both take a *map function* ``map_fn(fn, xs, *, chunk_size)`` that
 returns ``jax.vmap(fn)(xs)``, computed however it likes:
 
-* :func:`chunked_vmap` (the default everywhere): vmapped ``chunk_size`` rows at a time, chunks
-  one after another with ``lax.map``, on one device;
-* :func:`host_map` (the default on CPU): a Python loop over chunks that calls ONE compiled
-  program per chunk (:func:`compile_once`); under a trace (inside ``jit``) it is
+* :func:`chunked_vmap` (the loop inside one program; what :func:`host_map` becomes under a
+  trace): vmapped ``chunk_size`` rows at a time, chunks one after another with ``lax.map``, on
+  one device;
+* :func:`host_map` (the default, on every backend): a Python loop over chunks that calls ONE
+  compiled program per chunk (:func:`compile_once`); under a trace (inside ``jit``) it is
   :func:`chunked_vmap`;
 * :class:`hessjax.sharding.MeshMap` (``hessjax.sharding.mesh_map(mesh)``): the rows split over a
   device mesh, each device running :func:`chunked_vmap` on its share.
@@ -17,8 +18,17 @@ body of a compiled loop (``lax.map``, ``scan``, ``fori_loop``, ``while_loop``) t
 of its own (MobileNetV2 at 32x32, batch 32: 0.25 s alone, 0.67-0.75 s per product in a 4-step
 ``lax.map``/``fori_loop``, 0.16 s per product unrolled), and vmapping probes through
 convolutions is no faster than one probe after another. A Python loop over a compiled step
-costs one dispatch (microseconds) per step. :func:`default_map_fn` picks :func:`host_map` on
-CPU and :func:`chunked_vmap` on other backends (not measured there: no GPU was available).
+costs one dispatch (microseconds) per step.
+
+On a GPU (one NVIDIA H200, the same MobileNetV2 problem, ``experiments/bench_peers.py --map-fn
+host | vmap``, results in ``experiments/results/bench_peers_gpu_host.json``): the host loop ran
+every estimator at 0.62-1.21x of its products (one product 0.019 s; the loop overlaps each
+dispatch with the previous product), first calls 4-6 s; the loop inside one program
+(:func:`chunked_vmap`, all 100 Hutchinson probes vmapped) took 109 s for its first Hutchinson
+call, asked XLA for 66-88 GiB, and did not finish the other tasks' first calls within the 4
+minutes left. So :func:`default_map_fn` is :func:`host_map` on every backend; pass
+:func:`chunked_vmap` (with a ``chunk_size``) to keep a loop in one program, and any map
+function inside ``jit`` runs as :func:`chunked_vmap`.
 Estimators that loop themselves (Lanczos, power iteration) check :func:`drives_host_loop` and
 then drive their steps from Python too.
 
@@ -361,13 +371,15 @@ def drives_host_loop(map_fn: MapFn) -> bool:
 
 
 def default_map_fn() -> MapFn:
-    """The map function of ``map_fn=None``: :func:`host_map` on CPU, else :func:`chunked_vmap`.
+    """The map function of ``map_fn=None``: :func:`host_map`, on every backend.
 
-    Chosen by measurement on CPU (see the module docstring); on GPU/TPU the loop inside one
-    program has not been measured to lose, so it stays :func:`chunked_vmap` there.
+    Chosen by measurement on CPU and on one GPU (see the module docstring: a host loop over the
+    compiled product ran every estimator within 1.25x of its products on both, the loop inside
+    one program up to 4x slower on CPU and with 100x longer first calls on the GPU). Under a
+    trace (inside ``jit``) it runs as :func:`chunked_vmap`. Not measured on TPU.
 
     Example:
-      >>> default_map_fn() in (host_map, chunked_vmap)
+      >>> default_map_fn() is host_map
       True
     """
-    return host_map if jax.default_backend() == "cpu" else chunked_vmap
+    return host_map

@@ -296,7 +296,7 @@ def run_compiled(fn: Callable, *args: Any) -> Any:
 
 def host_loops(map_fn: Any, *trees: PyTree) -> bool:
     """Whether loops should run from Python over compiled steps: the map function asks for it
-    (:func:`hessjax.mapping.drives_host_loop`, the default on CPU) and nothing is traced."""
+    (:func:`hessjax.mapping.drives_host_loop`; the default) and nothing is traced."""
     if not drives_host_loop(check_map_fn(map_fn)):
         return False
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(trees))

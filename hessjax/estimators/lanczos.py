@@ -420,7 +420,7 @@ def lanczos(
       partition: optional layers; then every scalar output has a leading axis ``L``.
       map_fn: keyword-only, the loop strategy (:mod:`hessjax.mapping`; ``None``:
         :func:`hessjax.mapping.default_map_fn`). With :func:`hessjax.mapping.host_map` (the
-        default on CPU) and no tracers, the steps run from Python, each one call of a step
+        default) and no tracers, the steps run from Python, each one call of a step
         compiled once per shapes; inside ``jit`` a ``lax.fori_loop``. Same numbers.
       reorthogonalize: keyword-only, ``False`` for the plain three-term recurrence (above).
 
@@ -523,7 +523,7 @@ def eigenvalues(
       return_vectors: also return the eigenvectors (pytrees like ``like`` stacked on a leading
         axis ``k``; per layer, leaf ``i`` of vector ``j`` is layer ``i``'s ``j``-th vector).
       partition: optional layers; eigenvalues then have shape ``(L, k)``.
-      map_fn: keyword-only, the loop strategy, as in :func:`lanczos` (default on CPU: the
+      map_fn: keyword-only, the loop strategy, as in :func:`lanczos` (default: the
         steps from Python over one compiled step).
 
     Returns:

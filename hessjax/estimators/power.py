@@ -59,7 +59,7 @@ def power_iteration(
       num_iters: keyword-only, the maximum number of steps per eigenpair.
       tol: the relative-change stopping tolerance.
       map_fn: keyword-only, the loop strategy (:func:`hessjax.estimators.lanczos`): with the
-        default on CPU the steps run from Python over one compiled step shared by all ``k``
+        default the steps run from Python over one compiled step shared by all ``k``
         eigenpairs (the test for convergence read back each step); inside ``jit`` a
         ``lax.while_loop``. Same numbers.
 

@@ -235,7 +235,7 @@ def trace_of_function(
       num_probes: keyword-only, ``>= 1``.
       num_iters: keyword-only, Lanczos steps per probe ``>= 1``.
       chunk_size: keyword-only, how many probes run vmapped at once (``None``: all) in the
-        ``lax`` path; the host loop (the default on CPU) runs probes one after another.
+        ``lax`` path; the host loop (the default) runs probes one after another.
       partition: optional layers; then value and stderr have shape ``(L,)``.
       map_fn: keyword-only, the map over probes (:mod:`hessjax.mapping`; ``None``:
         :func:`hessjax.chunked_vmap`); ``hessjax.sharding.mesh_map(mesh)`` splits the probes
@@ -323,7 +323,7 @@ def spectral_density(
         0.01 when the range is 0).
       num_grid: the number of default grid points.
       chunk_size: keyword-only, how many probes run vmapped at once (per device with a mesh
-        map) in the ``lax`` path; the host loop (the default on CPU) runs probes one by one.
+        map) in the ``lax`` path; the host loop (the default) runs probes one by one.
       map_fn: keyword-only, the map over probes (:mod:`hessjax.mapping`; ``None``:
         :func:`hessjax.chunked_vmap`); ``hessjax.sharding.mesh_map(mesh)`` splits the probes
         (each with its own Lanczos run) over a mesh; same probes as without, so the same result
