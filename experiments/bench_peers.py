@@ -46,8 +46,9 @@ Usage::
 
 On a GPU: ``--torch-device cuda`` runs the peers there too (the timed tasks end in a host read of
 their value, which waits for the device; JAX's work is waited for the same way), and
-``--map-fn host | vmap`` picks hessjax's loop strategy (the default: a host loop on CPU,
-:func:`hessjax.mapping.chunked_vmap` elsewhere), so one run per strategy measures both.
+``--map-fn host | vmap`` picks hessjax's loop strategy (the default,
+:func:`hessjax.mapping.default_map_fn`, is the host loop on every backend), so one run per
+strategy measures both (``experiments/bench_peers_gpu.sh``).
 """
 
 from __future__ import annotations
@@ -347,7 +348,7 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0]),
         "map_fn": map_fn,
-        "map_fn_used": getattr(mf or default_map_fn(), "__name__", str(mf)),
+        "map_fn_used": (mf or default_map_fn()).__name__,
     }
     return info, {t: runs[t] for t in tasks + ("block_hvp", "hvp", "loss") if t in runs}
 

@@ -238,9 +238,9 @@ def trace_of_function(
         ``lax`` path; the host loop (the default) runs probes one after another.
       partition: optional layers; then value and stderr have shape ``(L,)``.
       map_fn: keyword-only, the map over probes (:mod:`hessjax.mapping`; ``None``:
-        :func:`hessjax.chunked_vmap`); ``hessjax.sharding.mesh_map(mesh)`` splits the probes
-        (each with its own Lanczos run) over a mesh; same probes as without, so the same result
-        for the same ``key`` (to float tolerance).
+        :func:`hessjax.mapping.default_map_fn`); ``hessjax.sharding.mesh_map(mesh)`` splits the
+        probes (each with its own Lanczos run) over a mesh; same probes as without, so the same
+        result for the same ``key`` (to float tolerance).
       reorthogonalize: keyword-only; ``False``: no reorthogonalisation (see
         :func:`quadratic_form`).
 
@@ -325,9 +325,9 @@ def spectral_density(
       chunk_size: keyword-only, how many probes run vmapped at once (per device with a mesh
         map) in the ``lax`` path; the host loop (the default) runs probes one by one.
       map_fn: keyword-only, the map over probes (:mod:`hessjax.mapping`; ``None``:
-        :func:`hessjax.chunked_vmap`); ``hessjax.sharding.mesh_map(mesh)`` splits the probes
-        (each with its own Lanczos run) over a mesh; same probes as without, so the same result
-        for the same ``key`` (to float tolerance).
+        :func:`hessjax.mapping.default_map_fn`); ``hessjax.sharding.mesh_map(mesh)`` splits the
+        probes (each with its own Lanczos run) over a mesh; same probes as without, so the same
+        result for the same ``key`` (to float tolerance).
       reorthogonalize: keyword-only; ``False``: no reorthogonalisation (see
         :func:`quadratic_form`; a ghost copy of a converged Ritz value splits its weight, so
         the density is unchanged to the quadrature's accuracy).

@@ -63,9 +63,9 @@ def hutchinson_trace(
       chunk_size: keyword-only, how many probes are vmapped at once (``None``: all).
       partition: optional layers; then value and stderr have shape ``(L,)``.
       map_fn: keyword-only, the map over probes (:mod:`hessjax.mapping`); ``None``:
-        :func:`hessjax.chunked_vmap` on one device. ``hessjax.sharding.mesh_map(mesh)`` splits
-        the probes over a mesh's data axis (any ``num_probes``; ``chunk_size`` then applies per
-        device). The probes are drawn as without it, so the estimate equals the single-device
+        :func:`hessjax.mapping.default_map_fn`, on one device. ``hessjax.sharding.mesh_map(mesh)``
+        splits the probes over a mesh's data axis (any ``num_probes``; ``chunk_size`` then applies
+        per device). The probes are drawn as without it, so the estimate equals the single-device
         one for the same ``key`` (to float tolerance).
 
     Returns:
@@ -138,7 +138,7 @@ def hutchpp_trace(
       chunk_size: keyword-only, how many vectors are vmapped at once (``None``: all).
       partition: optional layers; then value and stderr have shape ``(L,)``.
       map_fn: keyword-only, the map over vectors (:mod:`hessjax.mapping`; ``None``:
-        :func:`hessjax.chunked_vmap`); with ``hessjax.sharding.mesh_map(mesh)`` the ``s``,
+        :func:`hessjax.mapping.default_map_fn`); with ``hessjax.sharding.mesh_map(mesh)`` the ``s``,
         ``s`` and ``g`` matvecs of each stage are split over the mesh (same estimate as without,
         for the same ``key``).
 
