@@ -211,3 +211,10 @@ def test_bound_selection_smoke(tmp_path):
     assert again["partial"] and again["missing_seeds"] == [2]
     assert again["seeds"] == metrics["seeds"][:1]
     assert (tmp_path / "config.json").read_text() == config
+
+
+def test_quadform_steps_rejects_bad_steps():
+    """The argument is checked before any model is loaded, and the message names it."""
+    mod = _load("quadform_steps")
+    with pytest.raises(SystemExit, match="--steps"):
+        mod.main(["--steps", "20", "0"])

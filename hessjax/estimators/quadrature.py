@@ -149,7 +149,11 @@ def quadratic_form(
       reorthogonalize: keyword-only; ``False``: Lanczos without reorthogonalisation
         (:func:`hessjax.estimators.lanczos`): no passes over the basis and, in the host loop,
         no stored basis (memory three vectors), at the price of ghost Ritz values, which the
-        quadrature tolerates (Meurant & Strakos 2006), and of exactness at exhaustion.
+        quadrature tolerates (Meurant & Strakos 2006), and of exactness at exhaustion. For a
+        non-smooth ``fn`` it needs more steps: on MobileNetV2 (2.2M parameters, ``v`` = ones)
+        ``positive_part`` was 28% off the reorthogonalised value at 20 steps and 3% at 120,
+        while the identity agreed to float32 at every step count
+        (``experiments/quadform_steps.py``); 1.06x instead of 1.38x of its products there.
 
     Returns:
       The scalar ``v^T f(H) v``, or the ``(L,)`` per-layer values.
