@@ -103,7 +103,8 @@ def next_value(values: Sequence[float], side: str, bounds: tuple[float, float] |
     A positive grid whose consecutive ratios are equal extends geometrically (the edge times
     or divided by the ratio of its two end values), any other grid linearly (the edge plus or
     minus the spacing of its two end values); the result is clipped to ``bounds`` and None
-    when clipping leaves it at the edge.
+    when clipping leaves it at the edge. A grid of one value has no spacing to extend by:
+    None (a fixed hyperparameter is never widened).
 
     Example:
       >>> next_value((0.25, 1.0, 4.0, 16.0), "low")
@@ -112,6 +113,8 @@ def next_value(values: Sequence[float], side: str, bounds: tuple[float, float] |
       1.0
     """
     v = sorted(float(x) for x in values)
+    if len(v) < 2:
+        return None
     a, b = (v[0], v[1]) if side == "low" else (v[-1], v[-2])
     ratios = [y / x for x, y in zip(v, v[1:], strict=False)] if v[0] > 0 else []
     geometric = bool(ratios) and np.allclose(ratios, ratios[0], rtol=1e-6)

@@ -158,6 +158,21 @@ def test_next_value_geometric_linear_and_bounds():
     assert P.next_value((0.3, 0.5, 0.7, 1.0), "high", (0.1, 1.0)) is None  # at its bound
 
 
+def test_a_fixed_hyperparameter_is_not_widened():
+    """A one-value grid (a choice fixed by --grids) has no spacing: no widening, one run."""
+    assert P.next_value((0.5,), "low") is None and P.next_value((0.5,), "high") is None
+    calls = []
+
+    def run(hp, seed):
+        calls.append(dict(hp))
+        return {"val_accuracy": hp["q"] + hp["radius"]}
+
+    grid = {"q": (0.1,), "radius": (0.25, 1.0)}
+    chosen, trials = P.coordinate_search(run, grid, seed=0, start={}, widen=2)
+    assert chosen["q"] == 0.1 and all(c["q"] == 0.1 for c in calls)
+    assert chosen["radius"] == 16.0  # the two-value coordinate is still widened: 4, 16
+
+
 def test_widening_moves_the_optimum_inside_or_to_the_bound():
     def run(hp, seed):  # peak at radius 0.01, far below the grid
         return {"val_accuracy": -abs(math.log(hp["radius"] / 0.01))}
