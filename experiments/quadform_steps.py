@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import jax
     import jax.numpy as jnp
+    import optax
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_peers
@@ -50,16 +51,12 @@ def main(argv: list[str] | None = None) -> dict:
     params, loss, _, batch, _ = bench_peers.problem("mobilenet_v2", inputs)
     matvec = hessjax.hvp_fn(loss, params, batch)
     v = jax.tree_util.tree_map(jnp.ones_like, params)
-    hv = matvec(v)
-    exact = float(
-        sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(hv), strict=True))
-    )
+    exact = float(optax.tree_utils.tree_vdot(v, matvec(v)))
     rows = []
     for m in args.steps:
         for reorth in (True, False):
             row = {"steps": m, "reorthogonalize": reorth}
-            for name, f in (("positive_part", estimators.positive_part), ("identity", None)):
-                f = f if f is not None else (lambda x: x)
+            for name, f in (("positive_part", estimators.positive_part), ("identity", lambda x: x)):
                 t = time.perf_counter()
                 q = estimators.quadratic_form(matvec, v, f, num_iters=m, reorthogonalize=reorth)
                 row[name] = float(q)
