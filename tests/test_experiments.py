@@ -218,3 +218,27 @@ def test_quadform_steps_rejects_bad_steps():
     mod = _load("quadform_steps")
     with pytest.raises(SystemExit, match="--steps"):
         mod.main(["--steps", "20", "0"])
+
+
+def test_bench_peers_speedups_per_product(tmp_path):
+    """The peer that stops early wins on wall clock but not per product (closed form)."""
+    mod = _load("bench_peers")
+    ours = {"hutchinson": {"median_s": 10.0, "products": 100}, "hvp": {"median_s": 0.1,
+            "products": 1}}  # fmt: skip
+    peers = {
+        "hutchinson/early": {"median_s": 1.0, "products": 2},  # 0.5 s per product
+        "hutchinson/full": {"median_s": 40.0, "products": 100},  # 0.4 s per product
+        "hvp/a": {"median_s": 0.4, "products": 1},
+    }
+    out = mod._speedups(ours, peers)
+    h = out["hutchinson"]
+    assert h["fastest_peer"] == "hutchinson/early" and h["speedup"] == pytest.approx(0.1)
+    assert h["fastest_peer_per_product"] == "hutchinson/full"
+    assert h["speedup_per_product"] == pytest.approx(0.4 / 0.1)
+    assert out["hvp"]["speedup"] == pytest.approx(4.0) == out["hvp"]["speedup_per_product"]
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"hessjax": {"summary": ours}, "torch": {"summary": peers}}))
+    assert mod.main(["--resummarise", "--out", str(path)])["speedup_vs_fastest_peer"] == out
+    path.write_text(json.dumps({"hessjax": {"summary": ours}}))
+    with pytest.raises(ValueError, match="no torch side"):
+        mod.main(["--resummarise", "--out", str(path)])
