@@ -349,7 +349,8 @@ def table(rows: list[dict], comparison: dict) -> str:
 
 
 def plots(rows: list[dict], c: dict, out: Path) -> None:
-    """accuracy.png and measure.png: grouped bars per noise setting."""
+    """accuracy.png and measure.png: grouped bars per noise setting (a figure with no value,
+    e.g. the measure under ``--skip-measure``, is not drawn, and a stale one is removed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,11 +361,14 @@ def plots(rows: list[dict], c: dict, out: Path) -> None:
     w = 0.8 / len(methods)
     for field, name, label in (("acc", "accuracy.png", "clean test accuracy"),
                                ("measure", "measure.png", "Hessian distance measure")):  # fmt: skip
+        nan = {f"{field}_mean": np.nan, f"{field}_std": np.nan}  # a method not run (yet)
+        cells = {m: [next((r for r in rows if r["noise"] == n and r["method"] == m), nan)
+                     for n in noises] for m in methods}  # fmt: skip
+        if not np.isfinite([r[f"{field}_mean"] for sel in cells.values() for r in sel]).any():
+            (out / name).unlink(missing_ok=True)
+            continue
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(noises)), 4))
-        for j, m in enumerate(methods):
-            nan = {f"{field}_mean": np.nan, f"{field}_std": np.nan}  # a method not run (yet)
-            sel = [next((r for r in rows if r["noise"] == n and r["method"] == m), nan)
-                   for n in noises]  # fmt: skip
+        for j, (m, sel) in enumerate(cells.items()):
             ax.bar(np.arange(len(noises)) + j * w, [r[f"{field}_mean"] for r in sel], w,
                    yerr=[r[f"{field}_std"] for r in sel], label=m,
                    color=plt.cm.tab20(j % 20))  # fmt: skip

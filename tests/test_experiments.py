@@ -111,6 +111,17 @@ def test_noisy_labels_smoke(tmp_path):
     assert not gone.exists() and (tmp_path / "config.json").read_text() == config
 
 
+def test_noisy_labels_plots_skip_a_figure_without_values(tmp_path):
+    """Under --skip-measure every measure is NaN: no empty measure.png (a stale one goes)."""
+    mod = _load("noisy_labels")
+    rows = [{"noise": "symmetric0.4", "method": m, "acc_mean": a, "acc_std": 0.01,
+             "measure_mean": math.nan, "measure_std": math.nan}
+            for m, a in (("plain", 0.6), ("robust", 0.7))]  # fmt: skip
+    (tmp_path / "measure.png").write_bytes(b"stale")
+    mod.plots(rows, {"methods": ["plain", "robust"]}, tmp_path)
+    assert (tmp_path / "accuracy.png").exists() and not (tmp_path / "measure.png").exists()
+
+
 def test_noisy_labels_grids_override_the_preset(tmp_path):
     """--grids replaces a method's search grid (with --widen 0 beside it); nothing trains with
     --summary-only, so every tuning run of the new grid is listed as missing. (Whether --widen
