@@ -26,6 +26,10 @@ Tasks (each timed after a first call; ``first_call_s`` is the first call, compil
   ``quadform_noreorth`` / ``density_noreorth``: the quadratic form and the density with
   ``reorthogonalize=False`` (the three-term recurrence alone; hessjax only).
 
+Values: the estimate; Hutchinson's as ``[estimate, stderr]`` where the tool gives per-probe
+values (hessjax, PyHessian): two independent 100-probe estimates of the same trace should lie
+within about 2 combined standard errors of each other (the probes differ between tools).
+
 Every task reports its number of Hessian-vector products and ``ratio_to_products``: its time
 over (products x the time of one product, measured in the same round). Rounds are interleaved
 (hessjax round r, then the torch round r); the JSON keeps every round, the medians and
@@ -34,7 +38,9 @@ over (products x the time of one product, measured in the same round). Rounds ar
 The torch side runs only with ``--torch-python PATH``, an interpreter that has torch,
 torchvision, curvlinops-for-pytorch, pyhessian and hessian-eigenthings (torch is never a
 dependency of hessjax); it runs this same file with ``--torch-worker``, on ``--threads``
-threads (default: every core, as XLA:CPU uses them).
+threads (default: every core, as XLA:CPU uses them). PyHessian's density calls ``torch.eig``,
+which torch 2 removed: the worker puts back an equivalent for its symmetric tridiagonal matrix
+(``torch.linalg.eigh``; the Lanczos loop, the cost, is PyHessian's own).
 
 JAX's persistent compilation cache is on (``hessjax.experiment.env.default_compilation_cache_dir``;
 ``--no-compilation-cache`` turns it off, which is how the first-call times are measured).
@@ -254,10 +260,8 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
     runs = {
         "hvp": lambda: (_first(block(product(v), 0)), 1),
         "hutchinson": lambda: (
-            float(
-                estimators.hutchinson_trace(
-                    matvec, params, key, num_probes=NUM_PROBES, map_fn=mf
-                ).value
+            _estimate(
+                estimators.hutchinson_trace(matvec, params, key, num_probes=NUM_PROBES, map_fn=mf)
             ),
             NUM_PROBES,
         ),
@@ -465,8 +469,9 @@ def _torch_worker(
             TOP5_STEPS,
         )
         runs["density/hessian_eigenthings"] = lambda: (
-            float(he.spectral_density(op, num_runs=DENSITY_PROBES, lanczos_steps=DENSITY_STEPS,
-                                      seed=SEED).nodes.max()),
+            float(torch.nan_to_num(  # its nodes per run, NaN-padded
+                he.spectral_density(op, num_runs=DENSITY_PROBES, lanczos_steps=DENSITY_STEPS,
+                                    seed=SEED).raw_eigenvalues, nan=-torch.inf).max()),
             DENSITY_PROBES * DENSITY_STEPS,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001
@@ -474,6 +479,12 @@ def _torch_worker(
     try:
         import pyhessian
 
+        def old_eig(a, eigenvectors=False):  # torch.eig (removed in torch 2), which PyHessian's
+            w, q = torch.linalg.eigh(a)  # density calls on its symmetric tridiagonal matrix:
+            e = torch.stack([w, torch.zeros_like(w)], 1)  # (n, 2) real and imaginary parts
+            return e, (q if eigenvectors else torch.empty(0))
+
+        torch.eig = old_eig
         ph_module = sys.modules["pyhessian.hessian"]
 
         counter = [0]
@@ -496,7 +507,7 @@ def _torch_worker(
             # is signed, so a negative running mean (an indefinite Hessian's first probes) stops
             # it at any tol >= 0 after two probes; tol = -inf runs all NUM_PROBES
             out, n = ph("trace", maxIter=NUM_PROBES, tol=float("-inf"))
-            return float(np.mean(out)), n
+            return [float(np.mean(out)), float(np.std(out, ddof=1) / np.sqrt(len(out)))], n
 
         def ph_top(k):
             out, n = ph("eigenvalues", maxIter=POWER_ITERS, tol=POWER_TOL, top_n=k)
@@ -538,6 +549,12 @@ def _answer(worker: subprocess.Popen) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     raise RuntimeError(f"the torch worker ended (exit status {worker.wait()})")
+
+
+def _estimate(est) -> list[float]:
+    """[value, stderr] of a hessjax trace estimate (the peers' traces report theirs alike where
+    they have one: PyHessian's per-probe values; curvlinops gives the value alone)."""
+    return [float(est.value), float(est.stderr)]
 
 
 def _base(name: str) -> str:
