@@ -760,7 +760,9 @@ def resummarise(path: Path) -> dict:
     result["speedup_vs_fastest_peer"] = _speedups(
         result["hessjax"]["summary"], result["torch"]["summary"]
     )
-    path.write_text(json.dumps(result, indent=2))
+    tmp = path.with_name(path.name + ".tmp")  # replaced in one step: never half written
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
     return result
 
 
