@@ -706,7 +706,7 @@ def _write(args, argv, cache, info, rounds_j, loads, torch_info, rounds_t) -> di
         }
         result["speedup_vs_fastest_peer"] = _speedups(summary, result["torch"]["summary"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    _dump(args.out, result)
     print(
         json.dumps({"hessjax": summary, "speedup": result.get("speedup_vs_fastest_peer")}, indent=1)
     )
@@ -760,10 +760,15 @@ def resummarise(path: Path) -> dict:
     result["speedup_vs_fastest_peer"] = _speedups(
         result["hessjax"]["summary"], result["torch"]["summary"]
     )
-    tmp = path.with_name(path.name + ".tmp")  # replaced in one step: never half written
+    _dump(path, result)
+    return result
+
+
+def _dump(path: Path, result: dict) -> None:
+    """Writes the JSON beside ``path`` and renames it over: never a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)
-    return result
 
 
 if __name__ == "__main__":
