@@ -64,12 +64,18 @@ class TraceTest(chex.TestCase):
                     matvec, like(SHAPES, dtype), k, E.positive_part, num_probes=10, num_iters=N
                 )
             )
-            keys = jax.random.split(jax.random.key(0), 4)  # four seeds, one trace each
+            # 256 seeds, one trace each: a coverage rate and the bias, not one lucky draw
+            # (Hutch++ at 20 probes leaves g = 8 Hutchinson samples: its stderr is itself
+            # noisy, and about 2% of its estimates lie beyond 4 stderr, measured)
+            keys = jax.random.split(jax.random.key(0), 256)
             results = [(jax.vmap(hutch)(keys), lam.sum()), (jax.vmap(hpp)(keys), lam.sum())]
             results.append((jax.vmap(tslq)(keys), np.maximum(lam, 0).sum()))
         for est, truth in results:
-            assert est.value.shape == (4,) and est.value.dtype == dtype
-            assert np.all(np.abs(np.asarray(est.value) - truth) <= 4 * np.asarray(est.stderr))
+            assert est.value.shape == (256,) and est.value.dtype == dtype
+            value = np.asarray(est.value, np.float64)
+            err = np.abs(value - truth)
+            assert np.mean(err > 4 * np.asarray(est.stderr)) <= 0.05
+            assert abs(value.mean() - truth) <= 4 * value.std() / np.sqrt(len(value))
 
     @chex.variants(with_jit=True)
     def test_per_layer(self):
