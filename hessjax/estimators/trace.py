@@ -128,8 +128,10 @@ def hutchpp_trace(
     ``partition`` every layer gets its own ``Q_i = qr((H S)_i)``; the block-diagonal matvec
     serves all layers at once, so the cost does not grow with ``L``.
 
-    Cost: exactly ``num_probes`` matvecs (``s`` + ``s`` + ``g``); memory ``num_probes`` raveled
-    vectors plus ``chunk_size`` matvecs in flight; one QR of ``n_i x s`` per layer.
+    Cost: exactly ``num_probes`` matvecs (``s`` + ``s`` + ``g``); memory ``num_probes + s``
+    raveled vectors (the draws, the sketch ``H S``, the basis) plus ``chunk_size`` matvecs in
+    flight: the ``s + g`` products with ``Q`` and ``G`` are reduced to their quadratic forms as
+    they are made; one QR of ``n_i x s`` per layer.
 
     Args:
       matvec: ``v -> H v`` over pytrees like ``like`` (block-diagonal with a partition).
@@ -184,8 +186,18 @@ def hutchpp_trace(
                 return out
         return map_probes(lambda x: ravel(matvec(unravel(x))), rows, chunk_size, map_fn)
 
-    def per_layer_sum(x: jax.Array) -> jax.Array:  # (n, ...) -> (L, ...)
-        return jax.ops.segment_sum(x, seg, num_segments=num_layers + 1)[:num_layers]
+    def forms(rows: jax.Array) -> jax.Array:  # (m, n) -> (m, L): per-layer z_i^T H_ii z_i
+        # of every row; the products are reduced where they are made, never stored (two
+        # stages of three store no vectors: a raveled row per product cost about a tenth of
+        # the product on MobileNetV2)
+        if host:
+            take = lambda rows, i: unravel(jax.lax.dynamic_index_in_dim(rows, i, keepdims=False))
+            out = host_rows(matvec, rows, part.dot, take)
+            if out is not None:
+                return out
+        return map_probes(
+            lambda x: (lambda z: part.dot(z, matvec(z)))(unravel(x)), rows, chunk_size, map_fn
+        )
 
     # Each layer's entries: a static slice when contiguous (always for one layer of all
     # leaves), else an index array. A gather and scatter of (s, n) rows where a slice would
@@ -215,15 +227,15 @@ def hutchpp_trace(
             probes = probes.at[:, idx].set(block - (block @ q.T) @ q)
         return probes
 
-    def combine(basis, basis_products, probes, products) -> Estimate:
-        exact = per_layer_sum(jnp.sum(basis * basis_products, axis=0))  # Tr(Q_i^T H_ii Q_i)
-        rest = probe_stats(per_layer_sum((probes * products).T).T)  # samples (g, L)
+    def combine(basis_forms, probe_forms) -> Estimate:
+        exact = jnp.sum(basis_forms, axis=0)  # Tr(Q_i^T H_ii Q_i), (L,)
+        rest = probe_stats(probe_forms)  # samples (g, L)
         return squeeze_layers(Estimate(exact + rest.value, rest.stderr), per_layer)
 
     # one draw for S and G, 32 signs per random word (random_flat: a float per sign cost
     # about a second for 99 probes of MobileNetV2 on CPU, a tenth of the products)
     draws = run_compiled(lambda k: random_flat(k, s + g, n, dtype) * mask, key)
     basis = run_compiled(sketch_basis, apply(draws[:s]))
-    basis_products = apply(basis)
+    basis_forms = forms(basis)
     probes = run_compiled(deflate, basis, draws[s:])
-    return run_compiled(combine, basis, basis_products, probes, apply(probes))
+    return run_compiled(combine, basis_forms, forms(probes))
