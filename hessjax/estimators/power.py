@@ -107,25 +107,28 @@ def power_iteration(
         return jax.tree_util.tree_map(lambda x: x * safe_inverse(norm, norm > 0), v)
 
     def orth(found: PyTree, num_found: jax.Array, v: PyTree) -> PyTree:
-        # Gram-Schmidt against the first num_found rows of found, one after another.
+        # Gram-Schmidt against the first num_found rows of found, normalised. Raveled: one
+        # classical pass as two matrix products (two reads of found, not 3 (k-1) vector
+        # passes); pytrees: modified Gram-Schmidt, one row after another.
+        if flat:
+            coef = jnp.where(jnp.arange(k) < num_found, found @ v, 0)
+            return normalise(v - coef @ found)
         for i in range(k - 1):
             u = jax.tree_util.tree_map(lambda x, i=i: x[i], found)
             c = jnp.where(i < num_found, dot(u, v), 0)
             v = jax.tree_util.tree_map(lambda x, y: x - c * y, v, u)
         return normalise(v)
 
-    def before(state):  # the vector to multiply
-        _, v, _, _, found, num_found = state
-        return orth(found, num_found, v)
-
+    # The state: (steps, v, lambda, done, found, num_found); v is the next vector to multiply,
+    # already orthogonalised and normalised, so a step is one product and what follows it.
     def after(state, v, hv):
         it, _, value, _, found, num_found = state
         new = dot(hv, v)
         done = (it > 0) & (jnp.abs(value - new) / (jnp.abs(value) + 1e-6) < tol)
-        return it + 1, normalise(hv), new, done, found, num_found
+        return it + 1, orth(found, num_found, hv), new, done, found, num_found
 
     def body(state):
-        v = before(state)
+        v = state[1]
         return after(state, v, ravel(matvec(unravel(v))))
 
     def start(starts, found, j):  # the initial state of eigenpair j
@@ -133,7 +136,7 @@ def power_iteration(
             lambda x: jax.lax.dynamic_index_in_dim(x, j, keepdims=False), starts
         )
         zero = jnp.zeros((), tree_dtype(like))
-        return (jnp.zeros((), jnp.int32), normalise(v), zero, jnp.zeros((), bool), found, j)
+        return (jnp.zeros((), jnp.int32), orth(found, j, v), zero, jnp.zeros((), bool), found, j)
 
     def store(state):  # orth(v) into row num_found of found
         _, v, _, _, found, j = state
@@ -146,35 +149,35 @@ def power_iteration(
         starts = draw_probes(key, like, part, k, "normal")
     found = jax.tree_util.tree_map(jnp.zeros_like, starts)
 
-    # The host loop's step state leaves ``found`` out: a program that returns an input
-    # unchanged copies it (k vectors per step). ``pre(found, small) -> (v, v as a pytree)``,
-    # ``post(small, v, Hv) -> small``, as before/after on the full state.
-    def pre_step(found, small):
-        _, v, _, _, num_found = small
-        v = orth(found, num_found, v)
-        return v, unravel(v)
+    # The host loop: two calls per step, the shared compiled product and
+    # ``post(found, small, Hv) -> (small, next v as a pytree)``; ``small`` is the state
+    # without ``found`` (a program that returns an input unchanged copies it: k vectors).
+    def post_step(found, small, hv):
+        it, v, value, done, num_found = small
+        out = after((it, v, value, done, found, num_found), v, ravel(hv))
+        return out[:4] + (num_found,), unravel(out[1])
 
-    def post_step(small, v, hv):
-        it, _, value, done, num_found = small
-        return after((it, v, value, done, None, num_found), v, ravel(hv))[:4] + (num_found,)
+    def as_tree(small):
+        return unravel(small[1])
 
     step = None
-    if host:  # three calls per step, the product shared (compiled_matvec)
+    if host:
         state0 = run_compiled(start, starts, found, np.int32(0))
         small0 = state0[:4] + (state0[5],)
-        pre = compile_once(pre_step, found, small0)
-        v_flat, v0 = pre(found, small0)
+        to_tree = compile_once(as_tree, small0)
+        v0 = to_tree(small0)
         product = compiled_matvec(matvec, v0)
         if product is not None:
-            post = compile_once(post_step, small0, v_flat, jax.eval_shape(matvec, v0))
-            step = lambda found, st: (lambda v, t: post(st, v, product(t)))(*pre(found, st))
+            post = compile_once(post_step, found, small0, jax.eval_shape(matvec, v0))
+            step = lambda found, small, v: post(found, small, product(v))
     values, count = [], 0
     for j in range(k):
         state = run_compiled(start, starts, found, np.int32(j))
         if step is not None:
             it, done, small = 0, False, state[:4] + (state[5],)
+            v = to_tree(small)
             while it < num_iters and not done:
-                small = step(found, small)
+                small, v = step(found, small, v)
                 it, done = it + 1, bool(small[3])
             state = small[:4] + (found, small[4])
         else:
