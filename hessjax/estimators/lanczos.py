@@ -198,6 +198,56 @@ def _flat_steps(num_iters: int, dtype, ravel: Any) -> tuple:
     return prepare, project, finish
 
 
+class _Omega:
+    """Simon's estimates ``omega_{j+1,k} ~ q_{j+1}^T q_k`` of the loss of orthogonality of
+    Lanczos vectors, from the recurrence's scalars alone (host floats, O(j) per step), for
+    partial reorthogonalisation (Simon 1984; Larsen's PROPACK): with ``||H||`` estimated by
+    ``scale = max_i ||H q_i||`` and unit roundoff ``eps``,
+    ``beta_j omega_{j+1,k} = beta_k omega_{j,k+1} + (alpha_k - alpha_j) omega_{j,k}
+    + beta_{k-1} omega_{j,k-1} - beta_{j-1} omega_{j-1,k} +- eps scale`` (the rounding term
+    taken with the sign of the rest, a bound), ``omega_{j+1,j} = eps scale / beta_j`` and
+    ``omega_{j,j} = 1``. When ``max_k |omega_{j+1,k}| > sqrt(eps)`` the new vector is projected
+    against every stored one, and so is the next (the recurrence couples two consecutive
+    vectors); each projection resets its row to ``eps``. The basis then stays
+    semi-orthogonal (``|q_i^T q_k| <= sqrt(eps)``), which keeps the tridiagonal matrix an
+    exact projection to working precision: Ritz values and Gauss quadrature as accurate as
+    with full reorthogonalisation, and no ghost copies (Simon 1984).
+    """
+
+    def __init__(self, num_iters: int, eps: float):
+        self.eps, self.limit = eps, math.sqrt(eps)
+        self.alphas = np.zeros(num_iters)
+        self.betas = np.zeros(num_iters)
+        self.cur = np.zeros(num_iters + 1)  # omega_{j, k}, k = 0..j
+        self.cur[0] = 1.0
+        self.prev = np.zeros(num_iters + 1)  # omega_{j-1, k}
+        self.force = False  # the previous step reorthogonalised: this one does too
+
+    def step(self, j: int, alpha: float, beta: float, scale: float) -> bool:
+        """Records ``alpha_j`` and ``beta_j`` (before any projection); whether to project."""
+        self.alphas[j], self.betas[j] = alpha, beta
+        new = np.zeros_like(self.cur)
+        if beta > 0 and j > 0:
+            a, b, w, wp = self.alphas, self.betas, self.cur, self.prev
+            k = np.arange(j)
+            t = b[k] * w[k + 1] + (a[k] - alpha) * w[k]
+            t[1:] += b[k[1:] - 1] * w[k[1:] - 1]
+            t -= (b[j - 1] if j > 0 else 0.0) * wp[k]
+            t += np.where(t >= 0, 1.0, -1.0) * self.eps * scale
+            new[:j] = t / beta
+        new[j] = self.eps * scale / beta if beta > 0 else 0.0
+        new[j + 1] = 1.0
+        self.prev, self.cur = self.cur, new
+        run = self.force or bool(np.max(np.abs(new[: j + 1])) > self.limit)
+        self.force = run and not self.force
+        return run
+
+    def reset(self, j: int, beta: float) -> None:
+        """After a projection of ``q_{j+1}``: its estimates back to ``eps``, its ``beta_j``."""
+        self.betas[j] = beta
+        self.cur[: j + 1] = self.eps
+
+
 def _stack_rows(num_iters: int, unravel: Callable) -> Callable:
     """``blocks -> the first num_iters rows as stacked pytrees``, by row writes into zeros
     (no concatenate: slow on XLA:CPU, see :func:`~hessjax.estimators._base.flat_ravel`)."""
@@ -252,7 +302,8 @@ def _flat_host(
     if start is None or product is None:
         return None
     scalars, q = start(x0)
-    store = keep_basis or reorthogonalize  # else three vectors: q_prev, q, w
+    partial = isinstance(reorthogonalize, str)  # "partial" (checked by lanczos_run)
+    store = keep_basis or bool(reorthogonalize)  # else three vectors: q_prev, q, w
     if store:
         block = jnp.zeros((_BLOCK, n), dtype)
         put = memo_compile(static + ("put",), _put_row, block, np.int32(0), q, donate_argnums=(0,))
@@ -266,19 +317,25 @@ def _flat_host(
     finish_step = None  # compiled (or found) at its first call
     projections = {}  # number of filled blocks -> the pass
     q_prev = jnp.zeros_like(q)
+    omega = _Omega(num_iters, float(jnp.finfo(dtype).eps)) if partial else None
     for j in range(num_iters):
         filled = j // _BLOCK + 1
         if j:
             hq = product(tree(q))
         w, alpha, scale, before = prepare(np.int32(j), scalars, hq, q, q_prev)
-        if reorthogonalize and filled not in projections:
+        run = bool(reorthogonalize)
+        if partial:  # only when the estimated loss of orthogonality passes sqrt(eps)
+            run = omega.step(j, float(alpha[0]), float(before[()]), float(scale[0]))
+        if run and filled not in projections:
             projections[filled] = memo_compile(
                 static + ("project",), project, blocks[:filled], w
             )  # fmt: skip
-        if reorthogonalize:
+        if run:
             w, after = projections[filled](blocks[:filled], w)
             if float(after[()]) < _DGKS * float(before[()]):
-                w, _ = projections[filled](blocks[:filled], w)
+                w, after = projections[filled](blocks[:filled], w)
+            if partial:
+                omega.reset(j, float(after[()]))
         if finish_step is None:
             finish_step = memo_compile(
                 static + ("finish",), finish, np.int32(j), scalars, w, alpha, scale
@@ -309,6 +366,7 @@ def _lanczos_host(
     the basis (small program, basis donated)."""
     if flat_layout(part, v0):
         return _flat_host(matvec, v0, num_iters, part, keep_basis, flat_start, reorthogonalize)
+    reorthogonalize = bool(reorthogonalize)  # "partial": full reorthogonalisation here
     if flat_start is not None:
         raise ValueError("flat_start: only for one layer of every leaf, of one dtype")
     dtype = tree_dtype(v0)
@@ -357,15 +415,17 @@ def lanczos_run(
     for callers that drew it raveled (:func:`~hessjax.estimators._base.draw_flat`).
     ``reorthogonalize=False``: the three-term recurrence alone (see :func:`lanczos`).
     """
-    if not isinstance(reorthogonalize, (bool, np.bool_)):
-        raise TypeError(f"reorthogonalize: expected a bool, got {reorthogonalize!r}")
+    partial = isinstance(reorthogonalize, str) and reorthogonalize == "partial"
+    if not (isinstance(reorthogonalize, (bool, np.bool_)) or partial):
+        raise TypeError(f"reorthogonalize: expected a bool or 'partial', got {reorthogonalize!r}")
     if host:
         res = _lanczos_host(matvec, v0, num_iters, part, keep_basis, flat_start, reorthogonalize)
         if res is not None:
             return res
     if flat_start is not None:
         v0 = flat_unravel(v0)(flat_start)
-    update = _lanczos_update(part, num_iters, tree_dtype(v0), reorthogonalize)
+    # "partial" needs the host's step-by-step decisions: full reorthogonalisation in lax loops
+    update = _lanczos_update(part, num_iters, tree_dtype(v0), bool(reorthogonalize))
 
     def body(j, state):
         return update(j, state, matvec(jax.tree_util.tree_map(lambda x: x[j], state[0])))
@@ -422,7 +482,13 @@ def lanczos(
         :func:`hessjax.mapping.default_map_fn`). With :func:`hessjax.mapping.host_map` (the
         default) and no tracers, the steps run from Python, each one call of a step
         compiled once per shapes; inside ``jit`` a ``lax.fori_loop``. Same numbers.
-      reorthogonalize: keyword-only, ``False`` for the plain three-term recurrence (above).
+      reorthogonalize: keyword-only, ``False`` for the plain three-term recurrence (above);
+        ``"partial"``: in the host loop of one layer of every leaf, a step is projected
+        against the basis only when Simon's recurrence estimates that its orthogonality is
+        lost beyond ``sqrt(eps)`` (and the step after it): the basis stays semi-orthogonal,
+        which keeps ``T`` and its Ritz values accurate to working precision without ghosts
+        (Simon 1984), at a fraction of the passes (on a 300-dimensional test operator,
+        150 steps: 97 projected in float32, 58 in float64); elsewhere full.
 
     Returns:
       A :class:`LanczosResult` ``(alphas, betas, basis, num_valid)``.
@@ -442,7 +508,8 @@ def lanczos(
       Lanczos 1950; Golub & Van Loan, "Matrix computations", section 10.1 (full
       reorthogonalisation); Paige, "Error analysis of the Lanczos algorithm", 1976; Meurant &
       Strakos, "The Lanczos and conjugate gradient algorithms in finite precision
-      arithmetic", Acta Numerica 2006; Ju, Li & Zhang, ICML 2022.
+      arithmetic", Acta Numerica 2006; Simon, "The Lanczos algorithm with partial
+      reorthogonalization", Math. Comp. 1984; Ju, Li & Zhang, ICML 2022.
     """
     num_iters = check_int("num_iters", num_iters)
     part, per_layer = probe_layout(v0, partition, "v0")
