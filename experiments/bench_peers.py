@@ -23,8 +23,10 @@ Tasks (each timed after a first call; ``first_call_s`` is the first call, compil
 * ``noise_stability``: :func:`hessjax.measures.noise_stability`, 4 antithetic draws and 4
   probes (hessjax only; its ratio is over 4 products plus 9 loss evaluations, ``loss``);
 * ``quadform``: one quadratic form ``v^T f(H) v`` by 20 Lanczos steps (hessjax only);
-  ``quadform_noreorth`` / ``density_noreorth``: the quadratic form and the density with
-  ``reorthogonalize=False`` (the three-term recurrence alone; hessjax only).
+  ``density`` and ``quadform`` run the library's default (partial reorthogonalisation);
+  ``quadform_full`` / ``density_full`` with ``reorthogonalize=True`` (every step projected),
+  ``quadform_noreorth`` / ``density_noreorth`` with ``reorthogonalize=False`` (the three-term
+  recurrence alone; hessjax only).
 
 Values: the estimate; Hutchinson's as ``[estimate, stderr]`` where the tool gives per-probe
 values (hessjax, PyHessian): two independent 100-probe estimates of the same trace should lie
@@ -91,6 +93,8 @@ TASKS = (
     "quadform",
     "quadform_noreorth",
     "density_noreorth",
+    "quadform_full",
+    "density_full",
 )
 BATCH, IMAGE, CLASSES, SEED = 32, 32, 10, 0
 MODELS = ("mobilenet_v2", "mlp", "minilm")
@@ -288,6 +292,7 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
         ),
         "density": lambda: _density(estimators, matvec, params, key, map_fn=mf),
         "density_noreorth": lambda: _density(estimators, matvec, params, key, False, mf),
+        "density_full": lambda: _density(estimators, matvec, params, key, True, mf),
         "power5": lambda: _power(estimators, matvec, params, key, mf),
         "measure_canonical": lambda: (measure("canonical", num_iters=8), m * 8),
         "measure_reference": lambda: (measure("reference"), m / 4),
@@ -339,6 +344,19 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
                 )
             ),
             QUAD_STEPS,
+        ),
+        "quadform_full": lambda: (
+            float(
+                estimators.quadratic_form(
+                    matvec,
+                    v,
+                    estimators.positive_part,
+                    num_iters=QUAD_STEPS,
+                    reorthogonalize=True,
+                    map_fn=mf,
+                )
+            ),
+            QUAD_STEPS,
         ),  # fmt: skip
         "block_hvp": lambda: (
             _first(block(block_product(part.restrict(v)), 0)),
@@ -362,10 +380,11 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
     return info, {t: runs[t] for t in tasks + ("block_hvp", "hvp", "loss") if t in runs}
 
 
-def _density(estimators, matvec, params, key, reorthogonalize=True, map_fn=None):
+def _density(estimators, matvec, params, key, reorthogonalize=None, map_fn=None):
+    kw = {} if reorthogonalize is None else {"reorthogonalize": reorthogonalize}
     out = estimators.spectral_density(
         matvec, params, key, num_probes=DENSITY_PROBES, num_iters=DENSITY_STEPS,
-        reorthogonalize=reorthogonalize, map_fn=map_fn,
+        map_fn=map_fn, **kw,
     )  # fmt: skip
     return float(out.nodes.max()), DENSITY_PROBES * DENSITY_STEPS
 
