@@ -6,7 +6,8 @@ validation set each epoch, keeps its best-validation checkpoint and stops after 
 epochs without improvement; each method's own hyperparameters (L2-SP lambda, smoothing, GCE q,
 SCE alpha/beta, rho of the assumed symmetric T, body radius D and head radius) are chosen on
 clean validation accuracy on the tuning seed from :data:`hessjax.experiment.GRIDS` (>= 4 values
-each, one coordinate at a time; a choice at an end of its grid widens it, up to ``widen`` more
+each, one coordinate at a time, ``passes`` sweeps at most (default 1; a sweep that changes
+nothing ends it); a choice at an end of its grid widens it, up to ``widen`` more
 values), then run on fresh seeds; the test accuracy reported is the
 best-validation checkpoint's. Methods: plain, l2sp, label_smoothing, gce, sce, forward,
 backward (T symmetric at the tuned rho), constraint, ``robust`` (the paper's algorithm:
@@ -56,7 +57,7 @@ OURS = ("robust", "robust_dualt", "robust_clipped", "robust_forward", "robust_gc
 NOISES = [("symmetric", 0.2), ("symmetric", 0.4), ("symmetric", 0.6), ("symmetric", 0.8),
           ("pair", 0.4)]  # fmt: skip
 _BASE = dict(methods=METHODS, noises=NOISES, batch_size=32, lr_decay_every=10, radius_scale=1.5,
-             tune_seed=0, seeds=[1, 2, 3, 4, 5], grids=None, widen=2, layers=None,
+             tune_seed=0, seeds=[1, 2, 3, 4, 5], grids=None, widen=2, passes=1, layers=None,
              chunk_size=1)  # fmt: skip
 _MOBILE = _BASE | dict(dataset="fashion_mnist", model="mobilenet_v2")
 # The text tasks have k = 2 classes: a symmetric T is singular at rho = (k-1)/k = 0.5 and
@@ -128,6 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "reduction; recorded in config.json)")  # fmt: skip
     p.add_argument("--widen", type=int, default=None,
                    help="grid extensions per hyperparameter (default: the preset's)")  # fmt: skip
+    p.add_argument("--passes", type=int, default=None,
+                   help="sweeps of the coordinate search, repeated until one changes nothing "
+                   "(default: the preset's, 1)")  # fmt: skip
     p.add_argument("--compilation-cache", default="runs/.xla_cache",
                    help="XLA's persistent compilation cache ('' for none)")  # fmt: skip
     return p.parse_args(argv)
@@ -220,6 +224,8 @@ def main(argv=None) -> dict:
         grids |= {m: {k: tuple(v) for k, v in g.items()} for m, g in args.grids.items()}
     if args.widen is not None:
         c["widen"] = args.widen
+    if args.passes is not None:
+        c["passes"] = args.passes
     out = args.out or Path("experiments/results") / f"noisy_labels_{args.preset}"
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
@@ -235,7 +241,8 @@ def main(argv=None) -> dict:
         key = _noise_name(noise)
         run_fn = make_run_fn(c, out, noise, progress, args.summary_only)
         tuned = hexp.tune_then_seeds(run_fn, c["methods"], tune_seed=c["tune_seed"],
-                                     seeds=c["seeds"], grids=grids, widen=c["widen"])  # fmt: skip
+                                     seeds=c["seeds"], grids=grids, widen=c["widen"],
+                                     passes=c["passes"])  # fmt: skip
         protocol[key] = {m: {k: v for k, v in t.items() if k != "runs"} for m, t in tuned.items()}
         for method, t in tuned.items():
             unfinished = [

@@ -137,6 +137,7 @@ def coordinate_search(
     start: Mapping[str, Any] | None = None,
     widen: int = 0,
     bounds: Mapping[str, tuple[float, float]] | None = None,
+    passes: int = 1,
 ) -> tuple[dict, list[dict]]:
     """Choose hyperparameters on clean validation accuracy, one coordinate at a time.
 
@@ -150,6 +151,11 @@ def coordinate_search(
     (:func:`next_value`, within ``bounds``) while the new value is strictly better, at most
     ``widen`` times per hyperparameter: the optimum is then inside the grid, or the grid hit
     its bound, or ``widen`` steps were not enough (``grid_edges`` of the tried values says so).
+    With ``passes > 1`` the sweep over the hyperparameters repeats (cyclic coordinate search,
+    each grid as widened so far, ``widen`` more extensions per pass) until a sweep changes
+    nothing or ``passes`` sweeps ran: one sweep is blind to interactions (a radius chosen at a
+    starting rho is not revisited at the rho chosen after it), and a later sweep reruns only
+    the configurations not yet run.
 
     Args:
       run_fn: ``run_fn(hparams, seed) -> results`` with ``"val_accuracy"`` (the best
@@ -160,6 +166,7 @@ def coordinate_search(
         grid's first value).
       widen: extensions of a grid beyond an end its choice sits at (keyword-only).
       bounds: ``name -> (low, high)`` for the extensions (default :data:`BOUNDS`).
+      passes: the most sweeps over the hyperparameters (keyword-only, ``>= 1``).
 
     Returns:
       ``(chosen, trials)``: the chosen ``{name: value}`` and every distinct run as
@@ -170,6 +177,8 @@ def coordinate_search(
       >>> coordinate_search(f, {"a": [1, 2, 3], "b": [0, 1]}, seed=0, start={"a": 1, "b": 0})[0]
       {'a': 2, 'b': 1}
     """
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"passes: expected an int >= 1, got {passes!r}")
     start = dict(START if start is None else start)
     current = {k: (start[k] if k in start and start[k] in v else v[0]) for k, v in grid.items()}
     trials: list[dict] = []
@@ -188,24 +197,30 @@ def coordinate_search(
         run({})
         return {}, trials
     bounds = BOUNDS if bounds is None else bounds
-    for name, values in grid.items():
-        values = list(values)
-        scores = [run(current | {name: v}) for v in values]
-        finite = [i for i, s in enumerate(scores) if math.isfinite(s)]
-        if not finite:
-            continue
-        best = max(finite, key=lambda i: (scores[i], -i))
-        current[name] = values[best]
-        for _ in range(widen):
-            side = {0: "low", len(values) - 1: "high"}.get(values.index(current[name]))
-            new = next_value(values, side, bounds.get(name)) if side else None
-            if new is None:
-                break
-            values = [new, *values] if side == "low" else [*values, new]
-            score = run(current | {name: new})
-            if not (math.isfinite(score) and score > scores[best]):
-                break
-            current[name], scores[best] = new, score
+    grids = {name: list(values) for name, values in grid.items()}  # widened as searched
+    for _ in range(passes):
+        before = dict(current)
+        for name in grid:
+            values = grids[name]
+            scores = [run(current | {name: v}) for v in values]
+            finite = [i for i, s in enumerate(scores) if math.isfinite(s)]
+            if not finite:
+                continue
+            best = max(finite, key=lambda i: (scores[i], -i))
+            current[name] = values[best]
+            for _ in range(widen):
+                side = {0: "low", len(values) - 1: "high"}.get(values.index(current[name]))
+                new = next_value(values, side, bounds.get(name)) if side else None
+                if new is None:
+                    break
+                values = [new, *values] if side == "low" else [*values, new]
+                grids[name] = values
+                score = run(current | {name: new})
+                if not (math.isfinite(score) and score > scores[best]):
+                    break
+                current[name], scores[best] = new, score
+        if current == before:
+            break
     return current, trials
 
 
@@ -244,6 +259,7 @@ def tune_then_seeds(
     grids: Mapping[str, Mapping[str, Sequence]] | None = None,
     start: Mapping[str, Any] | None = None,
     widen: int = 0,
+    passes: int = 1,
 ) -> dict[str, dict]:
     """For each method: tune on ``tune_seed`` (:func:`coordinate_search`), then run ``seeds``.
 
@@ -257,7 +273,7 @@ def tune_then_seeds(
       tune_seed: the seed the grid is searched on (not among the reported ``seeds``).
       seeds: the fresh seeds of the reported numbers.
       grids: ``method -> {name: values}`` (default :data:`GRIDS`).
-      start, widen: passed to :func:`coordinate_search`.
+      start, widen, passes: passed to :func:`coordinate_search`.
 
     Returns:
       ``method -> {"chosen", "trials", "grid", "edges", "runs": {seed: results}}`` (``grid``:
@@ -282,7 +298,7 @@ def tune_then_seeds(
     for m in methods:
         fn = lambda hp, s, m=m: run_fn(dict(hp, method=m), s)
         chosen, trials = coordinate_search(fn, grids[m], seed=tune_seed, start=start,
-                                           widen=widen)  # fmt: skip
+                                           widen=widen, passes=passes)  # fmt: skip
         runs = {s: dict(fn(chosen, s)) for s in seeds}
         grid = tried_grid(trials)
         out[m] = dict(chosen=chosen, trials=trials, grid=grid, edges=grid_edges(chosen, grid),

@@ -45,6 +45,36 @@ def test_coordinate_search_skips_failures_and_breaks_ties_low():
     assert trials[0]["error"].startswith("transition") and math.isnan(trials[0]["val_accuracy"])
 
 
+def test_coordinate_search_passes_revisit_interacting_coordinates():
+    """f = -(a - b)^2 - (b - 3)^2 / 2 on {0..3}^2 from (0, 0): one sweep stops at (0, 1), each
+    further sweep moves one step, and the search ends at the coordinate-wise optimum (2, 2) in
+    the sweep that changes nothing (worked out by hand)."""
+
+    def search(passes):
+        calls = []
+
+        def run(hp, seed):
+            calls.append(tuple(sorted(hp.items())))
+            return {"val_accuracy": -((hp["a"] - hp["b"]) ** 2) - 0.5 * (hp["b"] - 3) ** 2}
+
+        grid = {"a": (0, 1, 2, 3), "b": (0, 1, 2, 3)}
+        chosen, trials = P.coordinate_search(run, grid, seed=0, start={"a": 0, "b": 0},
+                                             passes=passes)  # fmt: skip
+        assert len(calls) == len(set(calls)) == len(trials)
+        return chosen, calls
+
+    assert search(1)[0] == {"a": 0, "b": 1}
+    assert search(2)[0] == {"a": 1, "b": 2}
+    chosen, calls = search(10)
+    assert chosen == {"a": 2, "b": 2}
+    assert calls == search(4)[1]  # sweep 4 changed nothing: no sweep 5
+    # 4 + 3, 3 + 2, 2 + 1 new configurations in sweeps 1-3, none in 4; (3, 3), the global
+    # optimum, is never tried: a coordinate search's limit
+    assert len(calls) == 15 and (("a", 3), ("b", 3)) not in calls
+    with pytest.raises(ValueError, match="passes"):
+        P.coordinate_search(lambda h, s: {"val_accuracy": 0.0}, {"a": (1, 2)}, seed=0, passes=0)
+
+
 def test_tune_then_seeds_runs_chosen_on_fresh_seeds():
     seen = []
 
