@@ -208,7 +208,9 @@ class _Omega:
     taken with the sign of the rest, a bound), ``omega_{j+1,j} = eps scale / beta_j`` and
     ``omega_{j,j} = 1``. When ``max_k |omega_{j+1,k}| > sqrt(eps)`` the new vector is projected
     against every stored one, and so is the next (the recurrence couples two consecutive
-    vectors); each projection resets its row to ``eps``. The basis then stays
+    vectors); so is any step with ``beta_j <= sqrt(eps) scale`` (near exhaustion the residual
+    is mostly lost components: projected, the breakdown test sees the true one); each
+    projection resets its row to ``eps``. The basis then stays
     semi-orthogonal (``|q_i^T q_k| <= sqrt(eps)``), which keeps the tridiagonal matrix an
     exact projection to working precision: Ritz values and Gauss quadrature as accurate as
     with full reorthogonalisation, and no ghost copies (Simon 1984).
@@ -238,7 +240,10 @@ class _Omega:
         new[j] = self.eps * scale / beta if beta > 0 else 0.0
         new[j + 1] = 1.0
         self.prev, self.cur = self.cur, new
-        run = self.force or bool(np.max(np.abs(new[: j + 1])) > self.limit)
+        # a small beta_j (an exhausted Krylov space, or one nearly so) is dominated by the
+        # lost components: project, so that the breakdown test sees the true residual
+        small = beta <= self.limit * scale
+        run = self.force or small or bool(np.max(np.abs(new[: j + 1])) > self.limit)
         self.force = run and not self.force
         return run
 

@@ -315,6 +315,31 @@ class PartialReorthogonalisationTest(chex.TestCase):
         assert copies(plain) > 1  # the premise: without reorthogonalisation lambda_1 repeats
 
     @parameterized.named_parameters(*DTYPES)
+    def test_exhaustion_detected(self, dtype):
+        """num_iters > dim: the breakdown is found as with full reorthogonalisation
+        (num_valid, exact zeros after it, eigh's eigenvalues as Ritz values)."""
+        rng = np.random.default_rng(22)
+        lam = rng.normal(size=N) * 3
+        a, _ = dense(rng, lam)
+        with precision(dtype):
+            matvec = dense_matvec(a, SHAPES, dtype)
+            run = lambda x, steps: E.lanczos(
+                matvec, to_tree(x, SHAPES, dtype), num_iters=steps, reorthogonalize="partial"
+            )
+            whole = run(rng.normal(size=N), N + 4)
+        for res, dim, vals in ((whole, N, lam),):
+            assert int(res.num_valid) == dim
+            np.testing.assert_array_equal(np.asarray(res.betas[dim - 1 :]), 0)
+            t = (
+                np.diag(np.asarray(res.alphas[:dim], np.float64))
+                + np.diag(np.asarray(res.betas[: dim - 1], np.float64), 1)
+                + np.diag(np.asarray(res.betas[: dim - 1], np.float64), -1)
+            )
+            np.testing.assert_allclose(
+                np.linalg.eigvalsh(t), np.sort(vals), atol=tol(dtype, 1e-5, 1e-12) * 30
+            )
+
+    @parameterized.named_parameters(*DTYPES)
     def test_quadrature_matches_full(self, dtype):
         """Same key, so the same probes: trace of the positive part and density nodes as with
         full reorthogonalisation, both within stderr of eigh's Tr H^+."""
