@@ -161,7 +161,9 @@ class Partition:
         out = jnp.zeros((self.num_layers,), dtype)
         for a, b, layer in zip(xs, ys, self.leaf_layer, strict=True):
             if layer >= 0:
-                out = out.at[layer].add(jnp.vdot(a, b).real.astype(dtype))
+                # in the common dtype: a bfloat16 leaf's products summed in float32
+                prod = jnp.vdot(a.astype(dtype), b.astype(dtype))
+                out = out.at[layer].add(prod.real.astype(dtype))
         return out
 
     def sq_norms(self, x: PyTree) -> jax.Array:

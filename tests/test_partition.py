@@ -227,3 +227,17 @@ def test_views_reject_other_trees():
         part.scale(x, jnp.ones(2))
     with pytest.raises(ValueError, match=r"\bstacked leaf"):
         part.unstack(x)  # no leading layer axis
+
+
+def test_dot_sums_a_bfloat16_leaf_in_the_common_dtype():
+    """One layer of a bfloat16 and a float32 leaf: the inner product in float32 (the float64
+    sum of the same bfloat16 values to 1e-6), not rounded to bfloat16 (about 4e-3 off)."""
+    rng = np.random.default_rng(3)
+    a = jnp.asarray(rng.normal(size=(40, 50)), jnp.bfloat16)
+    b = jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)
+    x = {"a": a, "b": b}
+    part = partition(x, group=lambda name: "all")
+    got = part.dot(x, x)
+    truth = np.sum(np.asarray(a, np.float64) ** 2) + np.sum(np.asarray(b, np.float64) ** 2)
+    assert got.dtype == jnp.float32 and part.num_layers == 1
+    np.testing.assert_allclose(float(got[0]), truth, rtol=1e-6)

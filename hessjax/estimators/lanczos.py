@@ -208,12 +208,19 @@ class _Omega:
     taken with the sign of the rest, a bound), ``omega_{j+1,j} = eps scale / beta_j`` and
     ``omega_{j,j} = 1``. When ``max_k |omega_{j+1,k}| > sqrt(eps)`` the new vector is projected
     against every stored one, and so is the next (the recurrence couples two consecutive
-    vectors); so is any step with ``beta_j <= sqrt(eps) scale`` (near exhaustion the residual
-    is mostly lost components: projected, the breakdown test sees the true one); each
-    projection resets its row to ``eps``. The basis then stays
-    semi-orthogonal (``|q_i^T q_k| <= sqrt(eps)``), which keeps the tridiagonal matrix an
-    exact projection to working precision: Ritz values and Gauss quadrature as accurate as
-    with full reorthogonalisation, and no ghost copies (Simon 1984).
+    vectors); ``omega_{j+1,j}`` alone passes ``sqrt(eps)`` exactly when
+    ``beta_j < sqrt(eps) scale``, so a step near exhaustion (its residual mostly lost
+    components) is always projected and the breakdown test sees the true residual; each
+    projection resets its row to ``eps``. Semi-orthogonality (``|q_i^T q_k| <~ sqrt(eps)``)
+    keeps the tridiagonal matrix an exact projection to working precision: Ritz values and
+    Gauss quadrature as accurate as with full reorthogonalisation, and no ghost copies
+    (Simon 1984). The rounding term ``eps scale`` is the typical local error, not a bound:
+    in float32 on a uniform 200-point spectrum with one outlier, 260 steps, the true loss
+    reached 4.8e-3 (14 sqrt(eps); Ritz error 2e-5 against 1.4e-6 with full
+    reorthogonalisation). PROPACK's worst-case ``sqrt(n) eps scale`` would project 78 of 80
+    steps of the SLQ density on MobileNetV2 (2.2M parameters; 28 of 80 with ``eps scale``,
+    the same nodes to 1e-6 relative), i.e. full reorthogonalisation; the quadrature, which
+    tolerates no reorthogonalisation at all (Knizhnerman 1996), is where it is the default.
     """
 
     def __init__(self, num_iters: int, eps: float):
@@ -240,10 +247,7 @@ class _Omega:
         new[j] = self.eps * scale / beta if beta > 0 else 0.0
         new[j + 1] = 1.0
         self.prev, self.cur = self.cur, new
-        # a small beta_j (an exhausted Krylov space, or one nearly so) is dominated by the
-        # lost components: project, so that the breakdown test sees the true residual
-        small = beta <= self.limit * scale
-        run = self.force or small or bool(np.max(np.abs(new[: j + 1])) > self.limit)
+        run = self.force or bool(np.max(np.abs(new[: j + 1])) > self.limit)
         self.force = run and not self.force
         return run
 
