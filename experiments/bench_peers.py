@@ -324,40 +324,9 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
             ),
             NOISE_PROBES,
         ),  # fmt: skip
-        "quadform": lambda: (
-            float(
-                estimators.quadratic_form(
-                    matvec, v, estimators.positive_part, num_iters=QUAD_STEPS, map_fn=mf
-                )
-            ),
-            QUAD_STEPS,
-        ),
-        "quadform_noreorth": lambda: (
-            float(
-                estimators.quadratic_form(
-                    matvec,
-                    v,
-                    estimators.positive_part,
-                    num_iters=QUAD_STEPS,
-                    reorthogonalize=False,
-                    map_fn=mf,
-                )
-            ),
-            QUAD_STEPS,
-        ),
-        "quadform_full": lambda: (
-            float(
-                estimators.quadratic_form(
-                    matvec,
-                    v,
-                    estimators.positive_part,
-                    num_iters=QUAD_STEPS,
-                    reorthogonalize=True,
-                    map_fn=mf,
-                )
-            ),
-            QUAD_STEPS,
-        ),  # fmt: skip
+        "quadform": lambda: _quadform(estimators, matvec, v, mf),
+        "quadform_noreorth": lambda: _quadform(estimators, matvec, v, mf, False),
+        "quadform_full": lambda: _quadform(estimators, matvec, v, mf, True),
         "block_hvp": lambda: (
             _first(block(block_product(part.restrict(v)), 0)),
             1,
@@ -378,6 +347,15 @@ def hessjax_side(inputs: Path, tasks: tuple[str, ...], num_examples: int,
         "map_fn_used": (mf or default_map_fn()).__name__,
     }
     return info, {t: runs[t] for t in tasks + ("block_hvp", "hvp", "loss") if t in runs}
+
+
+def _quadform(estimators, matvec, v, map_fn=None, reorthogonalize=None):
+    """``v^T H^+ v`` by QUAD_STEPS Lanczos steps (``reorthogonalize=None``: the default)."""
+    kw = {} if reorthogonalize is None else {"reorthogonalize": reorthogonalize}
+    out = estimators.quadratic_form(
+        matvec, v, estimators.positive_part, num_iters=QUAD_STEPS, map_fn=map_fn, **kw
+    )
+    return float(out), QUAD_STEPS
 
 
 def _density(estimators, matvec, params, key, reorthogonalize=None, map_fn=None):
